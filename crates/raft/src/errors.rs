@@ -43,8 +43,8 @@ pub enum DropReason {
     LeaderTransferring,
     /// The uncommitted tail of the log is over `max_uncommitted_size`.
     UncommittedSizeExceeded,
-    /// This node is a learner or has been removed from the configuration.
-    NotAVoter,
+    /// This node is not in its own configuration: removed, or not yet told it was added.
+    NotAMember,
 }
 
 impl std::fmt::Display for DropReason {
@@ -53,7 +53,7 @@ impl std::fmt::Display for DropReason {
             DropReason::NoLeader => "no leader",
             DropReason::LeaderTransferring => "leader transfer in progress",
             DropReason::UncommittedSizeExceeded => "too many uncommitted bytes",
-            DropReason::NotAVoter => "this node is not a voter",
+            DropReason::NotAMember => "this node is not a member of the cluster",
         };
         f.write_str(s)
     }

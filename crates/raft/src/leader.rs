@@ -115,7 +115,7 @@ impl<S: Storage> Raft<S> {
             return Ok(());
         }
         if !self.trk.is_member(self.id) {
-            return Err(Error::ProposalDropped(DropReason::NotAVoter));
+            return Err(Error::ProposalDropped(DropReason::NotAMember));
         }
         if self.lead_transferee.is_some() {
             return Err(Error::ProposalDropped(DropReason::LeaderTransferring));
@@ -304,10 +304,16 @@ impl<S: Storage> Raft<S> {
             Err(e) => panic!("log compacted below {to}'s next index but no snapshot: {e}"),
         };
         let sindex = snap.metadata.as_ref().map_or(0, |m| m.index);
-        assert!(
-            sindex > 0,
-            "log compacted below {to}'s next index but the snapshot is empty"
-        );
+        if sindex == 0 {
+            assert_eq!(
+                self.raft_log.first_index(),
+                1,
+                "log compacted below {to}'s next index but the snapshot is empty"
+            );
+            // Only the bootstrap snapshot exists, which a node that joined later cannot use
+            // (see handle_append_response): wait until the application takes one.
+            return false;
+        }
         self.trk
             .progress
             .get_mut(&to)
@@ -325,6 +331,15 @@ impl<S: Storage> Raft<S> {
         let pr = self.trk.progress.get_mut(&from).expect("caller checked");
         pr.recent_active = true;
         if m.reject {
+            if m.index == 0 {
+                // Nothing precedes index 1, so such an append cannot mismatch: the follower
+                // knows no configuration (it joined after bootstrap) and cannot use the log from
+                // its start, which presumes the bootstrap configuration. It needs a snapshot.
+                if pr.matched == 0 && pr.state != ProgressState::Snapshot {
+                    self.maybe_send_snapshot(from);
+                }
+                return;
+            }
             // `m.index` is the rejected append's previous index; the hint says where the
             // follower's log might agree with ours.
             let mut next_probe = m.reject_hint;

@@ -460,6 +460,14 @@ impl<S: Storage> Raft<S> {
             return Ok(());
         }
 
+        if matches!(t, MessageType::MsgPropose | MessageType::MsgReadIndex)
+            && m.from == self.id
+            && !self.trk.is_member(self.id)
+        {
+            // A node that knows it was removed (or was never told it was added) would forward
+            // requests to a leader that will never replicate their outcome back to it.
+            return Err(Error::ProposalDropped(DropReason::NotAMember));
+        }
         match t {
             MessageType::MsgHup => {
                 self.hup(CampaignKind::Election);
@@ -486,8 +494,12 @@ impl<S: Storage> Raft<S> {
         let mut can_vote = self.vote == m.from
             || (self.vote == NONE && self.leader_id == NONE)
             || (pre && m.term > self.term);
+        // The planted bug grants a second vote in a term but keeps the first on record, so the
+        // disk never shows it: only the election-safety check can catch it.
         #[cfg(feature = "bug-injection")]
-        if self.bugs.vote_twice && !pre {
+        let double_vote = self.bugs.vote_twice && !pre && !can_vote && self.vote != NONE;
+        #[cfg(feature = "bug-injection")]
+        if double_vote {
             can_vote = true;
         }
         let resp_type = if pre {
@@ -501,6 +513,10 @@ impl<S: Storage> Raft<S> {
             // pre-vote that term is one we have not entered.
             r.term = m.term;
             self.send(r);
+            #[cfg(feature = "bug-injection")]
+            if double_vote {
+                return;
+            }
             if !pre {
                 self.election_elapsed = 0;
                 self.vote = m.from;
@@ -620,6 +636,17 @@ impl<S: Storage> Raft<S> {
             self.send(r);
             return;
         }
+        if m.index == 0 && self.trk.progress.is_empty() {
+            // The log from index 1 presumes the configuration the cluster was bootstrapped with
+            // (the snapshot at index 0). This node knows no configuration: it joined later and
+            // never had that one, and replaying the membership changes onto nothing would leave
+            // it believing it is the only voter. Refusing an append after index 0, which cannot
+            // otherwise mismatch, asks the leader for a snapshot instead.
+            let mut r = msg(MessageType::MsgAppendResponse, m.from);
+            r.reject = true;
+            self.send(r);
+            return;
+        }
         let mut r = msg(MessageType::MsgAppendResponse, m.from);
         match self
             .raft_log
@@ -670,12 +697,10 @@ impl<S: Storage> Raft<S> {
         if meta.index <= self.raft_log.committed {
             return false;
         }
+        // The snapshot's configuration may not include us: a node added after the leader's
+        // latest snapshot was taken. Installing it is safe (outside the configuration we never
+        // campaign) and necessary: the entry that adds us follows the snapshot in the log.
         let cs = meta.conf_state.clone().unwrap_or_default();
-        if !cs.voters.contains(&self.id) && !cs.learners.contains(&self.id) {
-            // A snapshot from a configuration without us cannot be from a leader we should
-            // follow; installing it would leave us unable to take part.
-            return false;
-        }
         if self.raft_log.match_term(meta.index, meta.term) {
             // We already have the entries; only the commit index was behind.
             self.raft_log.commit_to(meta.index);

@@ -285,7 +285,11 @@ impl<S: Storage> RawNode<S> {
             r.raft_log.stable_to(i, t);
         }
         if let Some(c) = f.last_committed {
-            r.raft_log.applied_to(c);
+            // A snapshot received while this Ready was out may already have moved `applied`
+            // past these entries; the application replaces its state with the snapshot anyway.
+            if c > r.raft_log.applied {
+                r.raft_log.applied_to(c);
+            }
             r.reduce_uncommitted_size(f.committed_bytes);
         }
         r.on_persisted();
