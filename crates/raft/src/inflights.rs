@@ -50,8 +50,9 @@ impl Inflights {
         }
         let mut next = self.start + self.count;
         if self.buf.len() < self.cap && next >= self.buf.len() {
-            // Unwrap the ring into a larger buffer; only happens while growing.
-            let mut grown = Vec::with_capacity((self.buf.len() * 2).clamp(4, self.cap));
+            // Unwrap the ring into a larger buffer; only happens while growing. Not `clamp`: a
+            // window smaller than the initial growth step is valid.
+            let mut grown = Vec::with_capacity((self.buf.len() * 2).max(4).min(self.cap));
             for i in 0..self.count {
                 grown.push(self.buf[(self.start + i) % self.buf.len()]);
             }
@@ -147,6 +148,21 @@ mod tests {
         let mut f = Inflights::new(4, 0);
         f.add(5, 1);
         f.add(5, 1);
+    }
+
+    #[test]
+    fn window_smaller_than_the_growth_step() {
+        // Regression (found by tests/fuzz_step.rs): growing panicked for a cap below 4.
+        for cap in 1..=3 {
+            let mut f = Inflights::new(cap, 0);
+            for i in 1..=cap as u64 {
+                f.add(i, 1);
+            }
+            assert!(f.full());
+            f.free_first_one();
+            f.add(10, 1);
+            assert_eq!(f.count(), cap);
+        }
     }
 
     #[test]

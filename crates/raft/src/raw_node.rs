@@ -333,6 +333,17 @@ fn validate(m: &Message) -> Result<()> {
     {
         return bad("index or term out of range");
     }
+    // Term 0 marks a local message to `Raft::step`, which skips the term checks for it; from a
+    // peer it would be taken as the current term (a candidate would "step down" to term 0).
+    // Only forwarded proposals and reads travel without a term.
+    if m.term == 0
+        && !matches!(
+            m.msg_type(),
+            MessageType::MsgPropose | MessageType::MsgReadIndex
+        )
+    {
+        return bad("no term");
+    }
     match m.msg_type() {
         MessageType::MsgAppend => {
             let mut prev_term = m.log_term;
@@ -343,7 +354,7 @@ fn validate(m: &Message) -> Result<()> {
                 if e.index != m.index + 1 + i as u64 {
                     return bad("entries are not consecutive after the previous index");
                 }
-                if e.term < prev_term || e.term > m.term {
+                if e.term == 0 || e.term < prev_term || e.term > m.term {
                     return bad("entry terms must not decrease nor exceed the message term");
                 }
                 prev_term = e.term;
@@ -353,7 +364,11 @@ fn validate(m: &Message) -> Result<()> {
             let Some(meta) = m.snapshot.as_ref().and_then(|s| s.metadata.as_ref()) else {
                 return bad("no snapshot metadata");
             };
-            if meta.term > m.term || meta.index >= MAX_SANE_INDEX || meta.index == 0 {
+            if meta.term > m.term
+                || meta.term == 0
+                || meta.index >= MAX_SANE_INDEX
+                || meta.index == 0
+            {
                 return bad("snapshot index or term out of range");
             }
         }

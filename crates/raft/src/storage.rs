@@ -146,7 +146,9 @@ impl MemStorage {
             self.hard_state.commit = meta.index;
         }
         if self.hard_state.term < meta.term {
+            // A vote belongs to its term; carried into the new one it would be a vote never cast.
             self.hard_state.term = meta.term;
+            self.hard_state.vote = 0;
         }
         self.snapshot = snap;
         Ok(())
@@ -323,5 +325,35 @@ mod tests {
         assert_eq!(other.first_index(), Ok(6));
         assert_eq!(other.term(5), Ok(5));
         assert_eq!(other.hard_state.commit, 5);
+    }
+
+    #[test]
+    fn apply_snapshot_of_a_later_term_clears_the_vote() {
+        // Regression (found by tests/fuzz_step.rs): the vote of term 1 was kept with term 2.
+        let mut s = MemStorage::new();
+        s.set_hard_state(HardState {
+            term: 1,
+            vote: 1,
+            commit: 0,
+        });
+        let mut snap = Snapshot {
+            data: Default::default(),
+            metadata: Some(SnapshotMetadata {
+                conf_state: None,
+                index: 3,
+                term: 2,
+            }),
+        };
+        s.apply_snapshot(snap.clone()).unwrap();
+        assert_eq!((s.hard_state.term, s.hard_state.vote), (2, 0));
+        // Same term: the vote stands.
+        s.set_hard_state(HardState {
+            term: 2,
+            vote: 3,
+            commit: 3,
+        });
+        snap.metadata.as_mut().unwrap().index = 4;
+        s.apply_snapshot(snap).unwrap();
+        assert_eq!((s.hard_state.term, s.hard_state.vote), (2, 3));
     }
 }
