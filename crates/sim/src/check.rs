@@ -3,7 +3,7 @@
 
 use crate::Fnv;
 use keel_raft::raftpb::{Entry, HardState};
-use keel_raft::{MemStorage, RawNode};
+use keel_raft::{RawNode, Storage};
 use std::collections::{BTreeMap, HashMap};
 
 #[derive(Default)]
@@ -38,7 +38,7 @@ impl Checker {
     }
 
     /// Election Safety and Leader Completeness, when `id` has just become leader.
-    pub fn on_leader(&mut self, id: u64, raw: &RawNode<MemStorage>) {
+    pub fn on_leader<S: Storage>(&mut self, id: u64, raw: &RawNode<S>) {
         let term = raw.raft.term;
         if let Some(&other) = self.leaders.get(&term) {
             if other != id {
@@ -72,7 +72,7 @@ impl Checker {
     }
 
     /// Log Matching, for entries a node has just accepted into its log.
-    pub fn on_entries(&mut self, id: u64, raw: &RawNode<MemStorage>, ents: &[Entry]) {
+    pub fn on_entries<S: Storage>(&mut self, id: u64, raw: &RawNode<S>, ents: &[Entry]) {
         let log = &raw.raft.raft_log;
         for e in ents {
             let prev = log.term(e.index - 1).ok();
@@ -137,7 +137,7 @@ impl Checker {
     }
 
     /// A node made a commit index durable: everything up to it in its log is committed.
-    pub fn on_commit(&mut self, id: u64, raw: &RawNode<MemStorage>, from: u64, to: u64) {
+    pub fn on_commit<S: Storage>(&mut self, id: u64, raw: &RawNode<S>, from: u64, to: u64) {
         let log = &raw.raft.raft_log;
         let lo = from.max(log.first_index());
         for i in lo..=to {
@@ -148,8 +148,7 @@ impl Checker {
     }
 
     /// Term and vote on disk never go backwards, across writes and crashes.
-    pub fn on_durable(&mut self, id: u64, store: &MemStorage) {
-        let hs = store.hard_state;
+    pub fn on_durable(&mut self, id: u64, hs: HardState) {
         if let Some(prev) = self.durable.get(&id) {
             if hs.term < prev.term {
                 self.fail(format!(
@@ -167,7 +166,7 @@ impl Checker {
     }
 
     /// A node restarts from its disk: what it reloads is checked the same way.
-    pub fn on_durable_reload(&mut self, id: u64, store: &MemStorage) {
-        self.on_durable(id, store);
+    pub fn on_durable_reload(&mut self, id: u64, hs: HardState) {
+        self.on_durable(id, hs);
     }
 }

@@ -132,7 +132,7 @@ fn main() {
         seeds as f64 / secs
     );
     println!(
-        "faults: {} crashes ({} torn writes), {} restarts, {} partitions, {} one-way cuts, \
+        "faults: {} crashes ({} with a write in flight), {} restarts, {} partitions, {} one-way cuts, \
          {} pauses, {} slow-disk toggles, {} slow-clock toggles, {} membership changes",
         t.crashes,
         t.torn_writes,
@@ -151,6 +151,11 @@ fn main() {
     println!(
         "raft: {} leader elections, {} snapshots taken, {} installed",
         t.leader_changes, t.snapshots_taken, t.snapshots_installed
+    );
+    println!(
+        "disk (real WAL on a simulated file system): {} injected ENOSPC/EIO faults, {} \
+         restarts whose recovery cut a torn tail",
+        t.disk_faults, t.torn_tails_cut
     );
     println!(
         "clients: {} ok, {} refused, {} unknown outcome; linearizability unknown (bound hit) in \

@@ -11,12 +11,16 @@ use crate::linearizability::{CheckResult, History, Op, OpId, Output};
 use crate::rng::Rng;
 use crate::Fnv;
 use bytes::Bytes;
+use keel_raft::raftpb::ConfState;
 use keel_raft::raftpb::{
     ConfChange, ConfChangeType, Entry, EntryType, HardState, Message, Snapshot,
 };
-use keel_raft::{Config, MemStorage, RawNode, StateRole, Storage};
+use keel_raft::{Config, RawNode, StateRole, Storage};
+use keel_wal::{FaultError, MemFs, StorageOptions, WalOptions, WalStorage};
 use prost::Message as _;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
 
 /// Simulated time units per Raft tick.
 pub const TICK: u64 = 100;
@@ -26,6 +30,10 @@ const ELECTION_TICK: usize = 10;
 const CLIENT_TIMEOUT: u64 = 40 * TICK;
 /// Entries kept behind a snapshot so that slightly lagging followers catch up from the log.
 const COMPACTION_MARGIN: u64 = 20;
+/// Where each node's data dir lives on its own simulated file system.
+const DATA_DIR: &str = "/keel";
+/// The simulated cluster's id (written in every WAL segment header).
+const CLUSTER_ID: u64 = 0x5EED;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -48,6 +56,9 @@ pub struct Options {
     pub max_size_per_msg: u64,
     /// Multiplies every fault probability: above 1 for more churn (rarer interleavings).
     pub fault_rate: f64,
+    /// Every node's disk acknowledges syncs without persisting (a lying write cache): a fault
+    /// Raft cannot survive, used to show that the durability checks catch lost writes.
+    pub lying_disks: bool,
     pub trace: bool,
     #[cfg(feature = "bug-injection")]
     pub bugs: keel_raft::InjectedBugs,
@@ -67,6 +78,7 @@ impl Options {
             liveness_ticks: 300,
             max_size_per_msg: if seed.is_multiple_of(4) { 1 } else { 4096 },
             fault_rate: 1.0,
+            lying_disks: false,
             trace: false,
             #[cfg(feature = "bug-injection")]
             bugs: Default::default(),
@@ -98,6 +110,10 @@ pub struct Stats {
     pub ops_unknown: u64,
     /// Ops a client gave up on after `CLIENT_TIMEOUT`.
     pub client_timeouts: u64,
+    /// Injected disk faults (ENOSPC or EIO on a sync) that made a node stop.
+    pub disk_faults: u64,
+    /// Restarts whose WAL recovery cut a torn tail.
+    pub torn_tails_cut: u64,
 }
 
 impl Stats {
@@ -122,7 +138,10 @@ impl Stats {
             leader_changes,
             ops_ok,
             ops_failed,
-            ops_unknown
+            ops_unknown,
+            client_timeouts,
+            disk_faults,
+            torn_tails_cut
         );
     }
 }
@@ -203,10 +222,13 @@ struct PendingWrite {
 
 struct Node {
     id: u64,
-    /// None while crashed.
-    raw: Option<RawNode<MemStorage>>,
-    /// What survives a crash: exactly what was synced.
-    durable: MemStorage,
+    /// None while crashed. Its storage is the real WAL on `fs`.
+    raw: Option<RawNode<WalStorage>>,
+    /// The node's disk: keeps exactly what was synced across a crash, plus whatever torn
+    /// prefix of unsynced writes `crash_with` lets survive.
+    fs: MemFs,
+    /// A disk fault was injected: the node's next WAL error is expected, and stops the node.
+    disk_fault_armed: bool,
     kv: Kv,
     /// Bumped at each crash so disk completions of a previous life are ignored.
     incarnation: u64,
@@ -264,11 +286,23 @@ impl Sim {
         let ids: Vec<u64> = (1..=opts.nodes as u64).collect();
         let mut nodes = BTreeMap::new();
         for &id in &ids {
-            let durable = MemStorage::new_with_conf_state(ids.clone(), vec![]);
+            let fs = MemFs::new();
+            let store = WalStorage::bootstrap(
+                Arc::new(fs.clone()),
+                Path::new(DATA_DIR),
+                storage_options(id),
+                ConfState {
+                    voters: ids.clone(),
+                    learners: vec![],
+                },
+            )
+            .expect("bootstrap a data dir on an empty MemFs");
+            fs.set_lying_sync(opts.lying_disks);
             let mut n = Node {
                 id,
                 raw: None,
-                durable,
+                fs,
+                disk_fault_armed: false,
                 kv: Kv::default(),
                 incarnation: 0,
                 pending_write: None,
@@ -283,7 +317,7 @@ impl Sim {
                 last_snapshot: 0,
                 last_commit_checked: 0,
             };
-            n.raw = Some(new_raw(&opts, id, rng.next_u64(), n.durable.clone(), 0));
+            n.raw = Some(new_raw(&opts, id, rng.next_u64(), store, 0));
             nodes.insert(id, n);
         }
         let clients = (0..opts.clients)
@@ -424,7 +458,7 @@ impl Sim {
         &self.checker.violations
     }
 
-    fn raw(&self, id: u64) -> Option<&RawNode<MemStorage>> {
+    fn raw(&self, id: u64) -> Option<&RawNode<WalStorage>> {
         self.nodes.get(&id).and_then(|n| n.raw.as_ref())
     }
 
@@ -657,9 +691,37 @@ impl Sim {
                 self.crash(l);
             }
         }
+        if self.rng.chance(f * 0.004) {
+            let id = *self.rng.pick(&ids).unwrap();
+            let after = self.rng.range(0, 3);
+            let err = if self.rng.chance(0.5) {
+                FaultError::NoSpace
+            } else {
+                FaultError::Io
+            };
+            let n = self.nodes.get_mut(&id).unwrap();
+            if n.raw.is_some() && !n.disk_fault_armed {
+                n.fs.fail_sync_after(after, err);
+                n.disk_fault_armed = true;
+                self.stats.disk_faults += 1;
+                self.log(|| format!("disk of {id} fails after {after} syncs with {err:?}"));
+            }
+        }
         if self.opts.membership && self.rng.chance(f * 0.02) {
             self.change_membership();
         }
+    }
+
+    /// A WAL error stops the node (fail-stop: after a failed fsync nothing on disk can be
+    /// trusted until recovery re-reads it). Expected only after an injected disk fault.
+    fn disk_failure(&mut self, id: u64, e: keel_wal::Error) {
+        if !self.nodes[&id].disk_fault_armed {
+            self.checker.violations.push(format!(
+                "storage: node {id} failed without an injected fault: {e}"
+            ));
+        }
+        self.log(|| format!("{id} stops on a disk error: {e}"));
+        self.crash(id);
     }
 
     /// Cuts `id` off from every other node (and heals any other partition).
@@ -686,6 +748,8 @@ impl Sim {
             let n = self.nodes.get_mut(&id).unwrap();
             n.slow_disk = false;
             n.slow_clock = false;
+            n.fs.clear_faults();
+            n.disk_fault_armed = false;
             if n.paused {
                 self.resume(id);
             }
@@ -701,42 +765,15 @@ impl Sim {
             return;
         }
         self.stats.crashes += 1;
-        // The disk loses what was not synced, except that a prefix of the unsynced write may
-        // have reached the platter (a torn write).
-        if let Some(w) = n.pending_write.take() {
-            let mut records = w.entries.len() + w.hard_state.is_some() as usize;
-            if w.snapshot.is_some() {
-                records += 1;
-            }
-            let keep = self.rng.range(0, records as u64) as usize;
-            if keep > 0 {
-                self.stats.torn_writes += 1;
-                let mut left = keep;
-                // Snapshots are installed by rename: all or nothing, and first.
-                if let Some(s) = w.snapshot {
-                    n.durable.apply_snapshot(s).expect("snapshot applies");
-                    left -= 1;
-                }
-                let ents = left.min(w.entries.len());
-                n.durable
-                    .append(&w.entries[..ents])
-                    .expect("torn prefix appends");
-                left -= ents;
-                if left > 0 {
-                    if let Some(hs) = w.hard_state {
-                        n.durable.set_hard_state(hs);
-                    }
-                }
-                // A torn write may have persisted entries beyond the durable commit index
-                // only; the commit index itself must stay within the log.
-                let last = n.durable.last_index().unwrap();
-                let mut hs = n.durable.hard_state;
-                if hs.commit > last {
-                    hs.commit = last;
-                    n.durable.set_hard_state(hs);
-                }
-            }
+        if n.pending_write.take().is_some() {
+            self.stats.torn_writes += 1;
         }
+        // The disk keeps what was synced; of each file's unsynced writes a random prefix
+        // survives, torn at a random byte.
+        let rng = &mut self.rng;
+        n.fs.crash_with(&mut |k| rng.range(0, k));
+        n.fs.clear_faults();
+        n.disk_fault_armed = false;
         n.raw = None;
         n.incarnation += 1;
         n.paused = false;
@@ -755,13 +792,35 @@ impl Sim {
             return;
         }
         self.stats.restarts += 1;
-        let snap = n.durable.snapshot(0).expect("mem snapshot");
+        let opened = WalStorage::open_with_report(
+            Arc::new(n.fs.clone()),
+            Path::new(DATA_DIR),
+            storage_options(id),
+        );
+        let store = match opened {
+            Ok((store, report)) => {
+                if report.torn_tail.is_some() {
+                    self.stats.torn_tails_cut += 1;
+                }
+                store
+            }
+            Err(e) => {
+                // Only unsynced writes were lost or torn: recovery must always succeed.
+                self.checker
+                    .violations
+                    .push(format!("recovery: node {id} refused to restart: {e}"));
+                return;
+            }
+        };
+        let snap = store
+            .snapshot(0)
+            .expect("the WAL storage holds its snapshot");
         let snap_index = snap.metadata.as_ref().map_or(0, |m| m.index);
         n.kv = Kv::restore(&snap.data);
         n.kv.applied = snap_index;
         n.last_snapshot = snap_index;
-        self.checker.on_durable_reload(id, &n.durable);
-        n.raw = Some(new_raw(&self.opts, id, seed, n.durable.clone(), snap_index));
+        self.checker.on_durable_reload(id, *store.hard_state());
+        n.raw = Some(new_raw(&self.opts, id, seed, store, snap_index));
         self.log(|| format!("restart {id} from snapshot {snap_index}"));
         // Committed entries after the snapshot are re-applied through Ready.
         self.drive(id);
@@ -955,6 +1014,15 @@ impl Sim {
             let n = self.nodes.get_mut(&id).unwrap();
             let nothing_to_write =
                 rd.entries.is_empty() && rd.snapshot.is_none() && rd.hard_state.is_none();
+            if !nothing_to_write && rd.snapshot.is_none() {
+                // Written now, durable only at the sync when the disk completes: a crash in
+                // between tears it.
+                let store = n.raw.as_mut().unwrap().store_mut();
+                if let Err(e) = store.write(rd.hard_state.as_ref(), &rd.entries) {
+                    self.disk_failure(id, e);
+                    return;
+                }
+            }
             n.pending_write = Some(PendingWrite {
                 number: rd.number,
                 entries: rd.entries,
@@ -991,26 +1059,20 @@ impl Sim {
         let Some(w) = n.pending_write.take() else {
             return;
         };
-        if let Some(s) = &w.snapshot {
-            n.durable
-                .apply_snapshot(s.clone())
-                .expect("snapshot applies");
+        let store = n.raw.as_mut().unwrap().store_mut();
+        let synced = match &w.snapshot {
+            // A snapshot restarts the log: install it, then write what follows it.
+            Some(snap) => store
+                .apply_snapshot(snap.clone())
+                .and_then(|_| store.save(w.hard_state.as_ref(), &w.entries)),
+            None => store.sync(),
+        };
+        if let Err(e) = synced {
+            self.disk_failure(id, e);
+            return;
         }
-        n.durable.append(&w.entries).expect("entries append");
-        if let Some(hs) = w.hard_state {
-            n.durable.set_hard_state(hs);
-        }
-        let raw = n.raw.as_mut().unwrap();
-        if let Some(s) = &w.snapshot {
-            raw.store_mut()
-                .apply_snapshot(s.clone())
-                .expect("snapshot applies");
-        }
-        raw.store_mut().append(&w.entries).expect("entries append");
-        if let Some(hs) = w.hard_state {
-            raw.store_mut().set_hard_state(hs);
-        }
-        self.checker.on_durable(id, &self.nodes[&id].durable);
+        let hs = *self.nodes[&id].raw.as_ref().unwrap().store().hard_state();
+        self.checker.on_durable(id, hs);
         if let Some(hs) = w.hard_state {
             let n = &self.nodes[&id];
             let known = n.kv.applied.max(n.last_commit_checked);
@@ -1103,21 +1165,13 @@ impl Sim {
         let applied = n.kv.applied;
         let cs = raw.raft.trk.conf_state();
         let data = Bytes::from(n.kv.snapshot());
-        // The snapshot is written to "disk" atomically (temp file + rename in the real WAL).
-        if raw
-            .store_mut()
-            .create_snapshot(applied, cs.clone(), data.clone())
-            .is_err()
-        {
-            return;
-        }
-        n.durable
+        let store = raw.store_mut();
+        let taken = store
             .create_snapshot(applied, cs, data)
-            .expect("durable has the applied entries");
-        let compact_to = applied.saturating_sub(COMPACTION_MARGIN);
-        if compact_to > raw.store().first_index().unwrap() {
-            raw.store_mut().compact(compact_to).expect("compact");
-            n.durable.compact(compact_to).expect("compact durable");
+            .and_then(|_| store.compact_keeping(COMPACTION_MARGIN));
+        if let Err(e) = taken {
+            self.disk_failure(id, e);
+            return;
         }
         n.last_snapshot = applied;
         self.stats.snapshots_taken += 1;
@@ -1253,9 +1307,9 @@ fn new_raw(
     opts: &Options,
     id: u64,
     seed: u64,
-    store: MemStorage,
+    store: WalStorage,
     applied: u64,
-) -> RawNode<MemStorage> {
+) -> RawNode<WalStorage> {
     let cfg = Config {
         id,
         election_tick: ELECTION_TICK,
@@ -1271,4 +1325,16 @@ fn new_raw(
         ..Config::default()
     };
     RawNode::new(&cfg, store).expect("valid config and storage")
+}
+
+/// Small segments and cache so that rollover, purge and reads back from the file system happen
+/// in every run.
+fn storage_options(id: u64) -> StorageOptions {
+    let mut o = StorageOptions::new(id, CLUSTER_ID);
+    o.wal = WalOptions {
+        segment_size: 16 << 10,
+        cache_bytes: 4 << 10,
+        ..WalOptions::new(id, CLUSTER_ID)
+    };
+    o
 }

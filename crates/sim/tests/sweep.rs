@@ -83,3 +83,22 @@ fn without_faults_every_operation_succeeds() {
         assert!(r.stats.ops_ok > 100, "seed {seed}: {:?}", r.stats);
     }
 }
+
+/// The durability checks can fail: disks that acknowledge syncs without persisting lose
+/// acknowledged state at every crash, and the checker must notice in most runs.
+#[test]
+fn disks_that_lie_about_sync_are_caught() {
+    let mut caught = 0;
+    for seed in 0..50 {
+        let mut o = Options::new(seed, nodes_for_seed(seed));
+        o.lying_disks = true;
+        let r = Sim::new(o).run();
+        if !r.ok() {
+            caught += 1;
+        }
+    }
+    assert!(
+        caught >= 40,
+        "lost writes noticed in only {caught} of 50 runs"
+    );
+}

@@ -273,6 +273,10 @@ struct MemState {
     write_fault: Option<(u64, FaultError)>,
     /// Fails the sync after this many more successful syncs (file or directory). One-shot.
     sync_fault: Option<(u64, FaultError)>,
+    /// A disk that acknowledges file syncs without making anything durable (a lying write
+    /// cache). Used to prove that durability checks above the WAL notice lost acknowledged
+    /// writes; the WAL itself cannot detect it.
+    lying_sync: bool,
 }
 
 #[derive(Debug)]
@@ -548,6 +552,11 @@ impl MemFs {
         self.lock().sync_fault = Some((after_syncs, err));
     }
 
+    /// From now on file syncs succeed without making anything durable (see `lying_sync`).
+    pub fn set_lying_sync(&self, lying: bool) {
+        self.lock().lying_sync = lying;
+    }
+
     pub fn clear_faults(&self) {
         let mut st = self.lock();
         st.write_fault = None;
@@ -682,6 +691,9 @@ impl FsFile for MemHandle {
     fn sync_data(&mut self) -> io::Result<()> {
         self.with(|st, ino| {
             st.take_sync_fault()?;
+            if st.lying_sync {
+                return Ok(());
+            }
             let f = file_of(st, ino)?;
             for op in std::mem::take(&mut f.pending) {
                 apply(&mut f.durable, &op);
@@ -891,6 +903,21 @@ mod tests {
         assert_eq!(fs.read_file(&p("/d/a")).unwrap(), b"abc");
         f.write_at(b"zz", 3).unwrap();
         assert_eq!(fs.read_file(&p("/d/a")).unwrap(), b"abczz");
+    }
+
+    #[test]
+    fn lying_sync_loses_acknowledged_writes_at_a_crash() {
+        let fs = MemFs::new();
+        let p = Path::new("/f");
+        let mut f = fs.create(p).unwrap();
+        fs.sync_dir(Path::new("/")).unwrap();
+        f.append(b"durable").unwrap();
+        f.sync_data().unwrap();
+        fs.set_lying_sync(true);
+        f.append(b" lost").unwrap();
+        f.sync_data().unwrap();
+        fs.crash();
+        assert_eq!(fs.read_file(p).unwrap(), b"durable");
     }
 
     #[test]

@@ -232,6 +232,20 @@ impl WalStorage {
     /// reflects them. Entries at or below the compacted index are ignored (a snapshot covers
     /// them); an entry at or below the last index overwrites the log from there.
     pub fn save(&mut self, hs: Option<&HardState>, ents: &[Entry]) -> Result<()> {
+        self.write(hs, ents)?;
+        self.sync()
+    }
+
+    /// Makes everything written so far durable (one fdatasync).
+    pub fn sync(&mut self) -> Result<()> {
+        self.wal.sync()
+    }
+
+    /// `save` without the sync: the batch is written and served at once, but durable (and safe
+    /// to acknowledge) only after `sync`. Lets a driver overlap the flush with other work; the
+    /// simulator crashes between the two to tear unsynced writes. Serving unsynced entries is
+    /// harmless to the Raft core, which reads its own unstable entries first.
+    pub fn write(&mut self, hs: Option<&HardState>, ents: &[Entry]) -> Result<()> {
         let ents = match (ents.first(), ents.last()) {
             (Some(first), Some(last)) => {
                 let start = self.offset + 1;
@@ -263,7 +277,7 @@ impl WalStorage {
                 )));
             }
         }
-        self.wal.save(hs, ents)
+        self.wal.write(hs, ents)
     }
 
     /// Appends entries durably (see `save`).
