@@ -16,11 +16,11 @@ pub struct Checker {
     entries: HashMap<(u64, u64), (Option<u64>, u64)>,
     /// State Machine Safety: index -> (term, digest) of the entry applied there.
     applied: BTreeMap<u64, (u64, u64)>,
-    /// Highest index known committed: applied anywhere, or under a commit index some node
-    /// made durable.
-    max_applied: u64,
-    /// Entries some node declared committed (in a durable commit index): index -> term.
-    committed: BTreeMap<u64, u64>,
+    /// Entries some node declared committed: index -> (entry term, commit term). The commit term
+    /// is the earliest term of a node seen declaring it; a node learns commits only from leaders
+    /// of its own term or later, so this is never below the term the entry was really committed
+    /// in, and checking against it never raises a false alarm.
+    committed: BTreeMap<u64, (u64, u64)>,
     /// The last hard state seen durable per node: term and vote never go back.
     durable: HashMap<u64, HardState>,
 }
@@ -50,19 +50,28 @@ impl Checker {
         self.leaders.insert(term, id);
         let log = &raw.raft.raft_log;
         let first = log.first_index();
-        if log.last_index() < self.max_applied {
+        let required = self
+            .committed
+            .iter()
+            .rev()
+            .find(|(_, &(_, ct))| ct < term)
+            .map_or(0, |(&i, _)| i);
+        if log.last_index() < required {
             self.fail(format!(
-                "leader completeness: leader {id} of term {term} ends at {} but {} is committed",
+                "leader completeness: leader {id} of term {term} ends at {} but {required} was \
+                 committed in an earlier term",
                 log.last_index(),
-                self.max_applied
             ));
             return;
         }
+        // Leader Completeness (§5.4): entries committed in earlier terms are in the leader's log.
+        // Entries below its first index are covered by its snapshot.
         let missing = self
             .committed
             .range(first.saturating_sub(1)..)
-            .find(|(&i, &t)| log.term(i) != Ok(t))
-            .map(|(&i, &t)| (i, t, log.term(i)));
+            .filter(|(_, &(_, ct))| ct < term)
+            .find(|(&i, &(t, _))| log.term(i) != Ok(t))
+            .map(|(&i, &(t, _))| (i, t, log.term(i)));
         if let Some((i, t, have)) = missing {
             self.fail(format!(
                 "leader completeness: leader {id} of term {term} has {have:?} at committed \
@@ -102,7 +111,7 @@ impl Checker {
     }
 
     /// State Machine Safety: every node applies the same entry at each index.
-    pub fn on_apply(&mut self, id: u64, e: &Entry) {
+    pub fn on_apply(&mut self, id: u64, node_term: u64, e: &Entry) {
         let d = digest(e);
         match self.applied.get(&e.index) {
             Some(&(t, d0)) if (t, d0) != (e.term, d) => {
@@ -115,23 +124,24 @@ impl Checker {
             Some(_) => {}
             None => {
                 self.applied.insert(e.index, (e.term, d));
-                self.note_committed(id, e.index, e.term);
+                self.note_committed(id, e.index, e.term, node_term);
             }
         }
     }
 
     /// Records that entry `(index, term)` is committed according to node `id`; two nodes
     /// disagreeing on the term of a committed index is a safety violation in itself.
-    fn note_committed(&mut self, id: u64, index: u64, term: u64) {
-        match self.committed.get(&index) {
-            Some(&t) if t != term => self.fail(format!(
+    fn note_committed(&mut self, id: u64, index: u64, term: u64, commit_term: u64) {
+        match self.committed.get(&index).copied() {
+            Some((t, _)) if t != term => self.fail(format!(
                 "state machine safety: node {id} holds {index}/{term} as committed, another \
                  node {index}/{t}"
             )),
-            Some(_) => {}
+            Some((t, ct)) => {
+                self.committed.insert(index, (t, ct.min(commit_term)));
+            }
             None => {
-                self.committed.insert(index, term);
-                self.max_applied = self.max_applied.max(index);
+                self.committed.insert(index, (term, commit_term));
             }
         }
     }
@@ -142,7 +152,7 @@ impl Checker {
         let lo = from.max(log.first_index());
         for i in lo..=to {
             if let Ok(t) = log.term(i) {
-                self.note_committed(id, i, t);
+                self.note_committed(id, i, t, raw.raft.term);
             }
         }
     }

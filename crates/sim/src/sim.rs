@@ -1111,7 +1111,8 @@ impl Sim {
     }
 
     fn apply(&mut self, id: u64, e: &Entry) {
-        self.checker.on_apply(id, e);
+        let term = self.nodes[&id].raw.as_ref().map_or(0, |r| r.raft.term);
+        self.checker.on_apply(id, term, e);
         let n = self.nodes.get_mut(&id).unwrap();
         if e.index <= n.kv.applied {
             // Already covered by the snapshot this node restored from.
