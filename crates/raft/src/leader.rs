@@ -303,7 +303,7 @@ impl<S: Storage> Raft<S> {
             Err(StorageError::SnapshotTemporarilyUnavailable) => return false,
             Err(e) => panic!("log compacted below {to}'s next index but no snapshot: {e}"),
         };
-        let sindex = snap.metadata.as_ref().map_or(0, |m| m.index);
+        let sindex = crate::storage::snapshot_position(&snap).0;
         if sindex == 0 {
             assert_eq!(
                 self.raft_log.first_index(),

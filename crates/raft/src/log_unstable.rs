@@ -1,5 +1,6 @@
 //! Entries and a snapshot the core has accepted but the application has not yet made durable.
 
+use crate::storage::snapshot_position;
 use keel_proto::raftpb::{Entry, Snapshot};
 
 #[derive(Debug, Default, Clone)]
@@ -18,11 +19,11 @@ pub struct Unstable {
 }
 
 fn snap_index(s: &Snapshot) -> u64 {
-    s.metadata.as_ref().map_or(0, |m| m.index)
+    snapshot_position(s).0
 }
 
 fn snap_term(s: &Snapshot) -> u64 {
-    s.metadata.as_ref().map_or(0, |m| m.term)
+    snapshot_position(s).1
 }
 
 impl Unstable {

@@ -263,7 +263,7 @@ impl<S: Storage> RaftLog<S> {
 
     /// Installs a snapshot from the leader: the log now starts after it.
     pub fn restore(&mut self, s: Snapshot) {
-        let idx = s.metadata.as_ref().map_or(0, |m| m.index);
+        let idx = crate::storage::snapshot_position(&s).0;
         self.committed = idx;
         self.applying = idx;
         self.applied = idx;

@@ -28,6 +28,19 @@ pub trait Storage {
     fn snapshot(&self, request_index: u64) -> StorageResult<Snapshot>;
 }
 
+/// The (index, term) a snapshot was taken at; (0, 0) without metadata.
+pub fn snapshot_position(s: &Snapshot) -> (u64, u64) {
+    s.metadata.as_ref().map_or((0, 0), |m| (m.index, m.term))
+}
+
+/// The membership recorded in a snapshot (empty without metadata).
+pub fn snapshot_conf_state(s: &Snapshot) -> ConfState {
+    s.metadata
+        .as_ref()
+        .and_then(|m| m.conf_state.clone())
+        .unwrap_or_default()
+}
+
 /// Sum of encoded sizes, used for all byte limits so that the leader's and the transport's
 /// notions of a message's size agree.
 pub fn entries_size(ents: &[Entry]) -> u64 {
@@ -199,7 +212,7 @@ impl MemStorage {
     }
 
     fn snapshot_index(&self) -> u64 {
-        self.snapshot.metadata.as_ref().map_or(0, |m| m.index)
+        snapshot_position(&self.snapshot).0
     }
 
     pub fn snapshot_ref(&self) -> &Snapshot {
@@ -209,13 +222,7 @@ impl MemStorage {
 
 impl Storage for MemStorage {
     fn initial_state(&self) -> StorageResult<(HardState, ConfState)> {
-        let cs = self
-            .snapshot
-            .metadata
-            .as_ref()
-            .and_then(|m| m.conf_state.clone())
-            .unwrap_or_default();
-        Ok((self.hard_state, cs))
+        Ok((self.hard_state, snapshot_conf_state(&self.snapshot)))
     }
 
     fn entries(&self, low: u64, high: u64, max_size: u64) -> StorageResult<Vec<Entry>> {

@@ -815,7 +815,7 @@ impl Sim {
         let snap = store
             .snapshot(0)
             .expect("the WAL storage holds its snapshot");
-        let snap_index = snap.metadata.as_ref().map_or(0, |m| m.index);
+        let snap_index = keel_raft::storage::snapshot_position(&snap).0;
         n.kv = Kv::restore(&snap.data);
         n.kv.applied = snap_index;
         n.last_snapshot = snap_index;
@@ -1087,7 +1087,7 @@ impl Sim {
         }
         if let Some(s) = &w.snapshot {
             let n = self.nodes.get_mut(&id).unwrap();
-            let idx = s.metadata.as_ref().map_or(0, |m| m.index);
+            let idx = keel_raft::storage::snapshot_position(s).0;
             n.kv = Kv::restore(&s.data);
             n.kv.applied = idx;
             n.last_snapshot = idx;

@@ -54,7 +54,7 @@ pub struct WalStorage {
 }
 
 fn snap_index(s: &Snapshot) -> (u64, u64) {
-    s.metadata.as_ref().map_or((0, 0), |m| (m.index, m.term))
+    keel_raft::storage::snapshot_position(s)
 }
 
 fn empty_snapshot() -> Snapshot {
@@ -432,12 +432,7 @@ fn ensure_dir(fs: &dyn Fs, dir: &Path) -> Result<()> {
 
 impl Storage for WalStorage {
     fn initial_state(&self) -> StorageResult<(HardState, ConfState)> {
-        let cs = self
-            .snapshot
-            .metadata
-            .as_ref()
-            .and_then(|m| m.conf_state.clone())
-            .unwrap_or_default();
+        let cs = keel_raft::storage::snapshot_conf_state(&self.snapshot);
         Ok((*self.wal.hard_state(), cs))
     }
 
