@@ -1,0 +1,551 @@
+//! `NodeCore`: one Raft member's state, stepped by a driver.
+//!
+//! The driver's loop, in order:
+//! 1. feed input: `tick`, `step` (peer messages), `propose`, `read`, `propose_conf_change`;
+//! 2. `ready()` returns messages to send now (a leader's appends go out while its own write is
+//!    still being flushed);
+//! 3. `persist()` makes the Ready durable and returns the messages that had to wait for that
+//!    (votes, append acknowledgements);
+//! 4. `apply()` applies committed entries to the state machine, answers waiting requests,
+//!    serves reads whose read index is applied, and takes a snapshot every `snapshot_count`
+//!    entries;
+//! 5. `take_outcomes()` hands the answers to whoever waits for them.
+//!
+//! Every step is bounded and none blocks on a client, so a slow client is backpressure
+//! (`NodeError::Overloaded`), never a stall of the Raft loop.
+
+use bytes::Bytes;
+use keel_kv::{Command, Op, RangeRequest, RangeResponse, RequestId, Response, Store};
+use keel_proto::raftpb::{ConfChange, ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use keel_raft::storage::snapshot_position;
+use keel_raft::{RawNode, ReadState, StateRole};
+use prost::Message as _;
+use std::collections::HashMap;
+
+use crate::log_store::LogStore;
+
+/// Identifies a request to whoever made it; opaque to the node.
+pub type Token = u64;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub raft: keel_raft::Config,
+    /// Must differ at every process start: the state machine's at-most-once table is keyed by
+    /// (proposer, sequence number), and a restarted node reusing an id could have a new request
+    /// taken for a retransmission of an old one.
+    pub proposer: u64,
+    /// Applied entries between two snapshots (and log compactions).
+    pub snapshot_count: u64,
+    /// Entries kept in the log behind a snapshot, so a follower slightly behind catches up from
+    /// the log rather than needing the whole snapshot.
+    pub compaction_margin: u64,
+    /// Writes proposed here and not yet applied. Below the state machine's dedup window, so a
+    /// retransmitted proposal is always recognised (see `keel_kv::DEDUP_WINDOW`).
+    pub max_pending_writes: usize,
+    /// Reads waiting for their read index. Bounds memory under a read storm while the leader
+    /// cannot confirm leadership.
+    pub max_pending_reads: usize,
+}
+
+impl NodeConfig {
+    pub fn new(id: u64, proposer: u64) -> Self {
+        NodeConfig {
+            raft: keel_raft::Config::new(id),
+            proposer,
+            snapshot_count: 10_000,
+            compaction_margin: 5_000,
+            max_pending_writes: 1_000,
+            max_pending_reads: 10_000,
+        }
+    }
+
+    fn validate(&self) -> Result<(), NodeError> {
+        if self.max_pending_writes == 0 || self.max_pending_writes >= keel_kv::DEDUP_WINDOW {
+            return Err(NodeError::Config(format!(
+                "max_pending_writes must be in 1..{}",
+                keel_kv::DEDUP_WINDOW
+            )));
+        }
+        if self.max_pending_reads == 0 {
+            return Err(NodeError::Config(
+                "max_pending_reads must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Raft(#[from] keel_raft::Error),
+    /// The log could not be written or synced. The node must stop: after a failed fsync
+    /// nothing on disk can be trusted until recovery re-reads it.
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("too many requests in flight ({0}); retry later")]
+    Overloaded(usize),
+    #[error("invalid node config: {0}")]
+    Config(String),
+    #[error("state machine snapshot: {0}")]
+    Snapshot(String),
+}
+
+impl From<keel_raft::StorageError> for NodeError {
+    fn from(e: keel_raft::StorageError) -> Self {
+        NodeError::Storage(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A write proposed here was applied; `result` is what the state machine answered.
+    Write {
+        token: Token,
+        result: Result<Response, keel_kv::Error>,
+    },
+    /// A linearizable read, served once this node applied the read index.
+    Read {
+        token: Token,
+        result: Result<RangeResponse, keel_kv::Error>,
+    },
+    /// A membership change proposed here was applied; the configuration now in force.
+    ConfChange { token: Token, conf_state: ConfState },
+    /// A read that cannot be confirmed any more (leadership changed while it waited); retry.
+    ReadDropped { token: Token },
+    /// This node's role or its known leader changed.
+    RoleChanged {
+        role: StateRole,
+        term: u64,
+        leader: u64,
+    },
+}
+
+/// Messages a Ready lets out at once.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub number: u64,
+    pub messages: Vec<Message>,
+    /// The coming `persist` must fsync (new entries, snapshot, term or vote).
+    pub must_sync: bool,
+}
+
+/// A Ready handed out and not yet finished.
+struct InFlight {
+    number: u64,
+    snapshot: Option<Snapshot>,
+    hard_state: Option<HardState>,
+    entries: Vec<Entry>,
+    /// Entries or hard state were written in `ready` and wait for a sync.
+    written: bool,
+    persisted: bool,
+    persisted_messages: Vec<Message>,
+    committed: Vec<Entry>,
+    read_states: Vec<ReadState>,
+}
+
+type ReadBatch = Vec<(Token, RangeRequest)>;
+
+pub struct NodeCore<S: LogStore> {
+    raw: RawNode<S>,
+    kv: Store,
+    cfg: NodeConfig,
+    next_seq: u64,
+    /// Sequence number -> waiting write. Invariant: `len() <= cfg.max_pending_writes`.
+    writes: HashMap<u64, Token>,
+    /// Sequence number -> waiting membership change.
+    confs: HashMap<u64, Token>,
+    /// Reads not yet sent for a read index; one read index serves the whole batch.
+    read_queue: ReadBatch,
+    /// Read index context -> reads waiting for its confirmation.
+    reads_in_flight: HashMap<u64, ReadBatch>,
+    /// Confirmed reads waiting for the state machine to reach their index.
+    reads_confirmed: Vec<(u64, ReadBatch)>,
+    /// Reads in the three stages above. Invariant: `<= cfg.max_pending_reads`.
+    reads_count: usize,
+    next_ctx: u64,
+    /// Index of the last entry applied (or covered by the snapshot restored).
+    applied: u64,
+    last_snapshot: u64,
+    in_flight: Option<InFlight>,
+    outcomes: Vec<Outcome>,
+}
+
+/// A membership change's context names its proposer and sequence number, so the proposing
+/// node recognises it when applied.
+fn conf_context(proposer: u64, seq: u64) -> Bytes {
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&proposer.to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.into()
+}
+
+fn parse_conf_context(c: &[u8]) -> Option<(u64, u64)> {
+    let c: &[u8; 16] = c.try_into().ok()?;
+    let proposer = u64::from_le_bytes(c[..8].try_into().ok()?);
+    let seq = u64::from_le_bytes(c[8..].try_into().ok()?);
+    Some((proposer, seq))
+}
+
+impl<S: LogStore> NodeCore<S> {
+    /// Starts from what `store` holds: the state machine is restored from the latest snapshot
+    /// and committed entries after it are re-applied through the first Readies.
+    pub fn new(cfg: NodeConfig, store: S) -> Result<Self, NodeError> {
+        cfg.validate()?;
+        let snap = store.snapshot(0)?;
+        let (index, _) = snapshot_position(&snap);
+        let kv = if snap.data.is_empty() {
+            Store::new()
+        } else {
+            Store::restore(&snap.data).map_err(|e| NodeError::Snapshot(e.to_string()))?
+        };
+        let mut raft_cfg = cfg.raft.clone();
+        raft_cfg.applied = index;
+        let raw = RawNode::new(&raft_cfg, store)?;
+        Ok(NodeCore {
+            raw,
+            kv,
+            cfg,
+            next_seq: 1,
+            writes: HashMap::new(),
+            confs: HashMap::new(),
+            read_queue: Vec::new(),
+            reads_in_flight: HashMap::new(),
+            reads_confirmed: Vec::new(),
+            reads_count: 0,
+            next_ctx: 1,
+            applied: index,
+            last_snapshot: index,
+            in_flight: None,
+            outcomes: Vec::new(),
+        })
+    }
+
+    pub fn raw(&self) -> &RawNode<S> {
+        &self.raw
+    }
+
+    /// The state machine, for serializable (local, possibly stale) reads and status.
+    pub fn kv(&self) -> &Store {
+        &self.kv
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn campaign(&mut self) -> Result<(), NodeError> {
+        Ok(self.raw.campaign()?)
+    }
+
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.raw.report_unreachable(id);
+    }
+
+    pub fn report_snapshot(&mut self, id: u64, ok: bool) {
+        self.raw.report_snapshot(id, ok);
+    }
+
+    /// A message from a peer. Malformed or misrouted ones are refused and change nothing.
+    pub fn step(&mut self, m: Message) -> Result<(), NodeError> {
+        Ok(self.raw.step(m)?)
+    }
+
+    /// Proposes a write; `Outcome::Write` with `token` follows once it is applied here.
+    pub fn propose(&mut self, token: Token, op: Op) -> Result<(), NodeError> {
+        if self.writes.len() + self.confs.len() >= self.cfg.max_pending_writes {
+            return Err(NodeError::Overloaded(self.cfg.max_pending_writes));
+        }
+        let seq = self.next_seq;
+        let id = RequestId {
+            proposer: self.cfg.proposer,
+            seq,
+        };
+        self.raw.propose(Command::with_id(id, op).encode())?;
+        self.next_seq += 1;
+        self.writes.insert(seq, token);
+        Ok(())
+    }
+
+    /// Proposes a membership change; `Outcome::ConfChange` follows once it is applied here.
+    pub fn propose_conf_change(
+        &mut self,
+        token: Token,
+        mut cc: ConfChange,
+    ) -> Result<(), NodeError> {
+        if self.writes.len() + self.confs.len() >= self.cfg.max_pending_writes {
+            return Err(NodeError::Overloaded(self.cfg.max_pending_writes));
+        }
+        let seq = self.next_seq;
+        cc.context = conf_context(self.cfg.proposer, seq);
+        self.raw.propose_conf_change(cc)?;
+        self.next_seq += 1;
+        self.confs.insert(seq, token);
+        Ok(())
+    }
+
+    /// Queues a linearizable read; `Outcome::Read` (or `ReadDropped`) follows. Reads queued
+    /// between two Readies share one read index (one heartbeat round).
+    pub fn read(&mut self, token: Token, req: RangeRequest) -> Result<(), NodeError> {
+        if self.reads_count >= self.cfg.max_pending_reads {
+            return Err(NodeError::Overloaded(self.cfg.max_pending_reads));
+        }
+        self.read_queue.push((token, req));
+        self.reads_count += 1;
+        Ok(())
+    }
+
+    /// Forgets a request whose caller gave up (timed out). A write may still be applied later;
+    /// its answer is then dropped.
+    pub fn cancel(&mut self, token: Token) {
+        self.writes.retain(|_, t| *t != token);
+        self.confs.retain(|_, t| *t != token);
+        let before = self.read_queue.len()
+            + self.reads_in_flight.values().map(Vec::len).sum::<usize>()
+            + self
+                .reads_confirmed
+                .iter()
+                .map(|(_, b)| b.len())
+                .sum::<usize>();
+        self.read_queue.retain(|(t, _)| *t != token);
+        for b in self.reads_in_flight.values_mut() {
+            b.retain(|(t, _)| *t != token);
+        }
+        for (_, b) in self.reads_confirmed.iter_mut() {
+            b.retain(|(t, _)| *t != token);
+        }
+        let after = self.read_queue.len()
+            + self.reads_in_flight.values().map(Vec::len).sum::<usize>()
+            + self
+                .reads_confirmed
+                .iter()
+                .map(|(_, b)| b.len())
+                .sum::<usize>();
+        self.reads_count -= before - after;
+    }
+
+    pub fn take_outcomes(&mut self) -> Vec<Outcome> {
+        std::mem::take(&mut self.outcomes)
+    }
+
+    fn flush_reads(&mut self) {
+        if self.read_queue.is_empty() {
+            return;
+        }
+        let ctx = self.next_ctx;
+        self.next_ctx += 1;
+        let batch = std::mem::take(&mut self.read_queue);
+        match self
+            .raw
+            .read_index(Bytes::copy_from_slice(&ctx.to_le_bytes()))
+        {
+            Ok(()) => {
+                self.reads_in_flight.insert(ctx, batch);
+            }
+            Err(_) => self.drop_reads(batch),
+        }
+    }
+
+    fn drop_reads(&mut self, batch: ReadBatch) {
+        self.reads_count -= batch.len();
+        for (token, _) in batch {
+            self.outcomes.push(Outcome::ReadDropped { token });
+        }
+    }
+
+    /// Takes the next Ready, if the previous one is finished and there is work. Entries and hard
+    /// state are written (not yet synced) before the messages are handed out.
+    pub fn ready(&mut self) -> Result<Option<Outgoing>, NodeError> {
+        if self.in_flight.is_some() {
+            return Ok(None);
+        }
+        self.flush_reads();
+        if !self.raw.has_ready() {
+            return Ok(None);
+        }
+        let rd = self.raw.ready();
+        if let Some(ss) = rd.soft_state {
+            self.outcomes.push(Outcome::RoleChanged {
+                role: ss.role,
+                term: self.raw.raft.term,
+                leader: ss.leader_id,
+            });
+            // Requests for confirmation went to a leader that is gone or deposed; an answer may
+            // never come. Confirmed reads stay valid: their index was confirmed by a quorum.
+            let lost: Vec<ReadBatch> = self.reads_in_flight.drain().map(|(_, b)| b).collect();
+            for b in lost {
+                self.drop_reads(b);
+            }
+        }
+        let written = rd.snapshot.is_none() && (!rd.entries.is_empty() || rd.hard_state.is_some());
+        if written {
+            self.raw
+                .store_mut()
+                .write(rd.hard_state.as_ref(), &rd.entries)
+                .map_err(NodeError::Storage)?;
+        }
+        self.in_flight = Some(InFlight {
+            number: rd.number,
+            snapshot: rd.snapshot,
+            hard_state: rd.hard_state,
+            entries: rd.entries,
+            written,
+            persisted: false,
+            persisted_messages: rd.persisted_messages,
+            committed: rd.committed_entries,
+            read_states: rd.read_states,
+        });
+        Ok(Some(Outgoing {
+            number: rd.number,
+            messages: rd.messages,
+            must_sync: rd.must_sync,
+        }))
+    }
+
+    /// Makes the outstanding Ready durable (one sync) and returns the messages that waited for
+    /// it. Call `apply` next.
+    pub fn persist(&mut self) -> Result<Vec<Message>, NodeError> {
+        let Some(f) = self.in_flight.as_mut() else {
+            return Ok(Vec::new());
+        };
+        if f.persisted {
+            return Ok(Vec::new());
+        }
+        let store = self.raw.store_mut();
+        if let Some(snap) = &f.snapshot {
+            // A snapshot restarts the log: install it, then write what follows it.
+            store
+                .install_snapshot(snap.clone())
+                .map_err(NodeError::Storage)?;
+            store
+                .write(f.hard_state.as_ref(), &f.entries)
+                .map_err(NodeError::Storage)?;
+            store.sync().map_err(NodeError::Storage)?;
+        } else if f.written {
+            store.sync().map_err(NodeError::Storage)?;
+        }
+        f.persisted = true;
+        Ok(std::mem::take(&mut f.persisted_messages))
+    }
+
+    /// Applies the outstanding Ready's snapshot and committed entries, answers what they
+    /// complete, and finishes the Ready.
+    pub fn apply(&mut self) -> Result<(), NodeError> {
+        let Some(f) = self.in_flight.take() else {
+            return Ok(());
+        };
+        assert!(
+            f.persisted,
+            "apply() before persist() of Ready {}",
+            f.number
+        );
+        if let Some(snap) = &f.snapshot {
+            let (index, _) = snapshot_position(snap);
+            self.kv = Store::restore(&snap.data).map_err(|e| NodeError::Snapshot(e.to_string()))?;
+            self.applied = index;
+            self.last_snapshot = index;
+        }
+        for e in &f.committed {
+            self.apply_entry(e);
+        }
+        for rs in f.read_states {
+            let ctx = rs
+                .request_ctx
+                .as_ref()
+                .try_into()
+                .map(u64::from_le_bytes)
+                .unwrap_or(0);
+            if let Some(batch) = self.reads_in_flight.remove(&ctx) {
+                self.reads_confirmed.push((rs.index, batch));
+            }
+        }
+        self.serve_reads();
+        self.raw.advance(f.number);
+        self.maybe_snapshot()
+    }
+
+    fn apply_entry(&mut self, e: &Entry) {
+        if e.index <= self.applied {
+            // Covered by the snapshot this node restored.
+            return;
+        }
+        self.applied = e.index;
+        match e.entry_type() {
+            EntryType::EntryNormal => {
+                // A new leader's empty entry carries no command.
+                if e.data.is_empty() {
+                    return;
+                }
+                // A payload that does not decode was never proposed by a Keel node; every
+                // replica skips it alike, so the state machines stay identical.
+                let Ok(cmd) = Command::decode(&e.data) else {
+                    return;
+                };
+                let applied = self.kv.apply(e.index, &cmd);
+                if let Some(id) = cmd.request_id {
+                    if id.proposer == self.cfg.proposer {
+                        if let Some(token) = self.writes.remove(&id.seq) {
+                            self.outcomes.push(Outcome::Write {
+                                token,
+                                result: applied.result,
+                            });
+                        }
+                    }
+                }
+            }
+            EntryType::EntryConfChange => {
+                let Ok(cc) = ConfChange::decode(e.data.as_ref()) else {
+                    return;
+                };
+                let conf_state = self.raw.apply_conf_change(&cc);
+                if let Some((proposer, seq)) = parse_conf_context(&cc.context) {
+                    if proposer == self.cfg.proposer {
+                        if let Some(token) = self.confs.remove(&seq) {
+                            self.outcomes
+                                .push(Outcome::ConfChange { token, conf_state });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_confirmed)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.reads_confirmed = waiting;
+        for (_, batch) in ready {
+            self.reads_count -= batch.len();
+            for (token, req) in batch {
+                let result = self.kv.range(&req);
+                self.outcomes.push(Outcome::Read { token, result });
+            }
+        }
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), NodeError> {
+        let every = self.cfg.snapshot_count;
+        if every == 0 || self.applied < self.last_snapshot + every {
+            return Ok(());
+        }
+        let cs = self.raw.raft.trk.conf_state();
+        let data = self.kv.snapshot();
+        let (index, margin) = (self.applied, self.cfg.compaction_margin);
+        self.raw
+            .store_mut()
+            .snapshot_and_compact(index, cs, data, margin)
+            .map_err(NodeError::Storage)?;
+        self.last_snapshot = index;
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! The write side of a node's Raft storage, as `NodeCore` uses it.
+
+use bytes::Bytes;
+use keel_proto::raftpb::{ConfState, Entry, HardState, Snapshot};
+use keel_raft::Storage;
+use keel_wal::WalStorage;
+
+/// Durable Raft state: `Storage` for the core to read, plus the writes a Ready calls for.
+/// `write` may return before the data is durable; only after `sync` may anything it wrote be
+/// acknowledged.
+pub trait LogStore: Storage {
+    fn write(&mut self, hs: Option<&HardState>, ents: &[Entry]) -> Result<(), String>;
+    fn sync(&mut self) -> Result<(), String>;
+    /// Installs a snapshot received from the leader, durably; the log restarts after it.
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), String>;
+    /// Records a snapshot of the applied state at `index`, durably, and drops log entries up
+    /// to `margin` before it.
+    fn snapshot_and_compact(
+        &mut self,
+        index: u64,
+        conf_state: ConfState,
+        data: Bytes,
+        margin: u64,
+    ) -> Result<(), String>;
+}
+
+impl LogStore for WalStorage {
+    fn write(&mut self, hs: Option<&HardState>, ents: &[Entry]) -> Result<(), String> {
+        WalStorage::write(self, hs, ents).map_err(|e| e.to_string())
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        WalStorage::sync(self).map_err(|e| e.to_string())
+    }
+
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), String> {
+        self.apply_snapshot(snap).map_err(|e| e.to_string())
+    }
+
+    fn snapshot_and_compact(
+        &mut self,
+        index: u64,
+        conf_state: ConfState,
+        data: Bytes,
+        margin: u64,
+    ) -> Result<(), String> {
+        self.create_snapshot(index, conf_state, data)
+            .and_then(|_| self.compact_keeping(margin))
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,320 @@
+//! NodeCore on the real WAL (over MemFs) and the real state machine, three members in one
+//! process: requests are answered only once applied, reads are linearizable, forwarded
+//! duplicates apply once, restarts recover from disk, and a proposer fed by its own commits
+//! keeps the cluster moving.
+
+use bytes::Bytes;
+use keel_kv::{Op, PutRequest, RangeRequest, Response};
+use keel_node::{NodeConfig, NodeCore, NodeError, Outcome};
+use keel_proto::raftpb::{ConfState, Message, MessageType};
+use keel_raft::StateRole;
+use keel_wal::{MemFs, StorageOptions, WalStorage};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+const DIR: &str = "/data";
+const CLUSTER: u64 = 7;
+
+struct Cluster {
+    nodes: BTreeMap<u64, NodeCore<WalStorage>>,
+    disks: BTreeMap<u64, MemFs>,
+    net: VecDeque<Message>,
+    outcomes: BTreeMap<u64, Vec<Outcome>>,
+    /// When set, every forwarded proposal is delivered twice (a retransmission).
+    duplicate_proposals: bool,
+    boots: u64,
+}
+
+fn config(id: u64, proposer: u64) -> NodeConfig {
+    let mut c = NodeConfig::new(id, proposer);
+    c.snapshot_count = 8;
+    c.compaction_margin = 2;
+    c
+}
+
+impl Cluster {
+    fn new(n: u64) -> Self {
+        let ids: Vec<u64> = (1..=n).collect();
+        let mut c = Cluster {
+            nodes: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            net: VecDeque::new(),
+            outcomes: BTreeMap::new(),
+            duplicate_proposals: false,
+            boots: 0,
+        };
+        for &id in &ids {
+            let fs = MemFs::new();
+            let store = WalStorage::bootstrap(
+                Arc::new(fs.clone()),
+                Path::new(DIR),
+                StorageOptions::new(id, CLUSTER),
+                ConfState {
+                    voters: ids.clone(),
+                    learners: vec![],
+                },
+            )
+            .unwrap();
+            c.disks.insert(id, fs);
+            c.boots += 1;
+            let node = NodeCore::new(config(id, c.boots), store).unwrap();
+            c.nodes.insert(id, node);
+        }
+        c
+    }
+
+    fn node(&mut self, id: u64) -> &mut NodeCore<WalStorage> {
+        self.nodes.get_mut(&id).unwrap()
+    }
+
+    /// Runs every node's Ready loop and delivers messages until nothing moves.
+    fn stabilize(&mut self) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for (&id, n) in self.nodes.iter_mut() {
+                while let Some(out) = n.ready().unwrap() {
+                    moved = true;
+                    self.net.extend(out.messages);
+                    self.net.extend(n.persist().unwrap());
+                    n.apply().unwrap();
+                }
+                self.outcomes
+                    .entry(id)
+                    .or_default()
+                    .extend(n.take_outcomes());
+            }
+            while let Some(m) = self.net.pop_front() {
+                moved = true;
+                let twice = self.duplicate_proposals && m.msg_type() == MessageType::MsgPropose;
+                if let Some(n) = self.nodes.get_mut(&m.to) {
+                    if twice {
+                        let _ = n.step(m.clone());
+                    }
+                    let _ = n.step(m);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("cluster did not stabilize");
+    }
+
+    fn elect(&mut self, id: u64) {
+        self.node(id).campaign().unwrap();
+        self.stabilize();
+        assert_eq!(self.nodes[&id].raw().raft.role, StateRole::Leader);
+    }
+
+    /// Answers to requests made on `id` (role changes left out).
+    fn take(&mut self, id: u64) -> Vec<Outcome> {
+        std::mem::take(self.outcomes.entry(id).or_default())
+            .into_iter()
+            .filter(|o| !matches!(o, Outcome::RoleChanged { .. }))
+            .collect()
+    }
+}
+
+fn put(key: &str, value: &str) -> Op {
+    Op::Put(PutRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+        ..Default::default()
+    })
+}
+
+fn get(key: &str) -> RangeRequest {
+    RangeRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        ..Default::default()
+    }
+}
+
+fn read_value(o: &Outcome) -> Option<Bytes> {
+    match o {
+        Outcome::Read {
+            result: Ok(resp), ..
+        } => resp.kvs.first().map(|kv| kv.value.clone()),
+        other => panic!("not a read: {other:?}"),
+    }
+}
+
+#[test]
+fn writes_are_answered_when_applied_and_reads_see_them_everywhere() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.take(1);
+    // Through the leader, and through a follower (forwarded to the leader).
+    c.node(1).propose(10, put("a", "1")).unwrap();
+    c.node(2).propose(20, put("b", "2")).unwrap();
+    c.stabilize();
+    let w1 = c.take(1);
+    assert!(
+        matches!(&w1[..], [Outcome::Write { token: 10, result: Ok(Response::Put(p)) }] if p.revision >= 2),
+        "{w1:?}"
+    );
+    let w2 = c.take(2);
+    assert!(
+        matches!(
+            &w2[..],
+            [Outcome::Write {
+                token: 20,
+                result: Ok(Response::Put(_))
+            }]
+        ),
+        "{w2:?}"
+    );
+    // A linearizable read on the third node sees both writes.
+    c.node(3).read(30, get("a")).unwrap();
+    c.node(3).read(31, get("b")).unwrap();
+    c.stabilize();
+    let r = c.take(3);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(read_value(&r[0]), Some(Bytes::from_static(b"1")));
+    assert_eq!(read_value(&r[1]), Some(Bytes::from_static(b"2")));
+    let hashes: Vec<u64> = c.nodes.values().map(|n| n.kv().hash()).collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+}
+
+#[test]
+fn a_duplicated_forwarded_proposal_applies_once() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    let before = c.nodes[&1].kv().revision();
+    c.duplicate_proposals = true;
+    c.node(2).propose(1, put("k", "v")).unwrap();
+    c.stabilize();
+    // Both copies reached the log; the second changed nothing.
+    assert_eq!(c.nodes[&1].kv().revision(), before + 1);
+    for n in c.nodes.values() {
+        assert_eq!(n.kv().revision(), before + 1);
+    }
+    let w = c.take(2);
+    assert!(matches!(&w[..], [Outcome::Write { token: 1, .. }]), "{w:?}");
+}
+
+#[test]
+fn proposals_beyond_the_pending_limit_are_refused() {
+    let mut c = Cluster::new(1);
+    c.elect(1);
+    let max = 1_000;
+    for t in 0..max {
+        c.node(1).propose(t, put("k", "v")).unwrap();
+    }
+    assert!(matches!(
+        c.node(1).propose(max, put("k", "v")),
+        Err(NodeError::Overloaded(_))
+    ));
+    c.stabilize();
+    assert_eq!(
+        c.take(1)
+            .iter()
+            .filter(|o| matches!(o, Outcome::Write { .. }))
+            .count(),
+        1000
+    );
+    // Room again once applied.
+    c.node(1).propose(max, put("k", "v")).unwrap();
+}
+
+#[test]
+fn a_crashed_node_recovers_from_its_disk_and_catches_up() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    for i in 0..30u64 {
+        c.node(1).propose(i, put(&format!("k{i}"), "x")).unwrap();
+        c.stabilize();
+    }
+    // Node 3 loses power: only what it synced survives.
+    c.nodes.remove(&3);
+    c.disks[&3].crash();
+    for i in 30..60u64 {
+        c.node(1).propose(i, put(&format!("k{i}"), "y")).unwrap();
+        c.stabilize();
+    }
+    let store = WalStorage::open(
+        Arc::new(c.disks[&3].clone()),
+        Path::new(DIR),
+        StorageOptions::new(3, CLUSTER),
+    )
+    .unwrap();
+    c.boots += 1;
+    let n3 = NodeCore::new(config(3, c.boots), store).unwrap();
+    // Restored from its own snapshot (every 8 entries), not from scratch.
+    assert!(n3.applied() >= 24, "restarted at {}", n3.applied());
+    c.nodes.insert(3, n3);
+    c.node(1).propose(99, put("after", "restart")).unwrap();
+    c.stabilize();
+    let leader = c.nodes[&1].kv().hash();
+    for (id, n) in &c.nodes {
+        assert_eq!(n.kv().hash(), leader, "node {id} diverged");
+        assert_eq!(
+            n.kv().get(b"k59").map(|kv| kv.value),
+            Some(Bytes::from_static(b"y"))
+        );
+    }
+}
+
+/// raftexample's TestProposeOnCommit: every committed write is fed straight back as a new
+/// proposal on all three nodes. A proposer that waits on the commit path must not stall Raft.
+#[test]
+fn proposing_on_every_commit_keeps_making_progress() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    for id in 1..=3 {
+        c.node(id).propose(0, put(&format!("n{id}"), "0")).unwrap();
+    }
+    let mut commits = [0u64; 4];
+    for _round in 0..200 {
+        c.stabilize();
+        for id in 1..=3u64 {
+            for o in c.take(id) {
+                if let Outcome::Write { token, result } = o {
+                    assert!(result.is_ok());
+                    commits[id as usize] += 1;
+                    c.node(id)
+                        .propose(token + 1, put(&format!("n{id}"), &(token + 1).to_string()))
+                        .unwrap();
+                }
+            }
+        }
+        if commits[1..].iter().all(|&n| n >= 100) {
+            break;
+        }
+    }
+    assert!(commits[1..].iter().all(|&n| n >= 100), "{commits:?}");
+}
+
+#[test]
+fn reads_waiting_for_confirmation_are_dropped_when_leadership_changes() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.take(2);
+    // Queue a read on node 2, hand its request to the leader, then lose the answer and elect
+    // someone else.
+    c.node(2).read(5, get("a")).unwrap();
+    let out = c.node(2).ready().unwrap().unwrap();
+    c.node(2).persist().unwrap();
+    c.node(2).apply().unwrap();
+    // The request to the leader is lost.
+    assert!(out
+        .messages
+        .iter()
+        .any(|m| m.msg_type() == MessageType::MsgReadIndex));
+    drop(out);
+    c.node(1).transfer_leader(3);
+    c.stabilize();
+    assert_eq!(c.nodes[&3].raw().raft.role, StateRole::Leader);
+    let got = std::mem::take(c.outcomes.entry(2).or_default());
+    assert!(
+        got.iter()
+            .any(|o| matches!(o, Outcome::RoleChanged { leader: 3, .. })),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|o| matches!(o, Outcome::ReadDropped { token: 5 })),
+        "{got:?}"
+    );
+}
