@@ -171,16 +171,17 @@ pub struct NodeCore<S: LogStore> {
     outcomes: Vec<Outcome>,
 }
 
-/// A membership change's context names its proposer and sequence number, so the proposing
-/// node recognises it when applied.
-fn conf_context(proposer: u64, seq: u64) -> Bytes {
+/// A context naming its proposer and a sequence number: a membership change's (so the
+/// proposing node recognises it when applied) and a read batch's (so contexts from different
+/// nodes never collide at the leader).
+fn request_context(proposer: u64, seq: u64) -> Bytes {
     let mut b = Vec::with_capacity(16);
     b.extend_from_slice(&proposer.to_le_bytes());
     b.extend_from_slice(&seq.to_le_bytes());
     b.into()
 }
 
-fn parse_conf_context(c: &[u8]) -> Option<(u64, u64)> {
+fn parse_request_context(c: &[u8]) -> Option<(u64, u64)> {
     let c: &[u8; 16] = c.try_into().ok()?;
     let proposer = u64::from_le_bytes(c[..8].try_into().ok()?);
     let seq = u64::from_le_bytes(c[8..].try_into().ok()?);
@@ -234,6 +235,32 @@ impl<S: LogStore> NodeCore<S> {
         self.applied
     }
 
+    /// Index of the last snapshot this node took or installed.
+    pub fn last_snapshot(&self) -> u64 {
+        self.last_snapshot
+    }
+
+    /// The outstanding Ready's new log entries (empty if none is out). For observers such as
+    /// the simulator's safety checker.
+    pub fn pending_entries(&self) -> &[Entry] {
+        self.in_flight.as_ref().map_or(&[], |f| &f.entries)
+    }
+
+    /// The outstanding Ready's committed entries, before `apply`.
+    pub fn pending_committed(&self) -> &[Entry] {
+        self.in_flight.as_ref().map_or(&[], |f| &f.committed)
+    }
+
+    /// The outstanding Ready's hard state, if it changed.
+    pub fn pending_hard_state(&self) -> Option<HardState> {
+        self.in_flight.as_ref().and_then(|f| f.hard_state)
+    }
+
+    /// The outstanding Ready's snapshot from the leader, if any.
+    pub fn pending_snapshot(&self) -> Option<&Snapshot> {
+        self.in_flight.as_ref().and_then(|f| f.snapshot.as_ref())
+    }
+
     pub fn tick(&mut self) {
         self.raw.tick();
     }
@@ -285,7 +312,7 @@ impl<S: LogStore> NodeCore<S> {
             return Err(NodeError::Overloaded(self.cfg.max_pending_writes));
         }
         let seq = self.next_seq;
-        cc.context = conf_context(self.cfg.proposer, seq);
+        cc.context = request_context(self.cfg.proposer, seq);
         self.raw.propose_conf_change(cc)?;
         self.next_seq += 1;
         self.confs.insert(seq, token);
@@ -343,10 +370,10 @@ impl<S: LogStore> NodeCore<S> {
         let ctx = self.next_ctx;
         self.next_ctx += 1;
         let batch = std::mem::take(&mut self.read_queue);
-        match self
-            .raw
-            .read_index(Bytes::copy_from_slice(&ctx.to_le_bytes()))
-        {
+        // The leader keeps one request per context, and followers forward theirs to it: the
+        // context names this process (proposer id) as well as the batch, or two nodes' batches
+        // could be taken for one.
+        match self.raw.read_index(request_context(self.cfg.proposer, ctx)) {
             Ok(()) => {
                 self.reads_in_flight.insert(ctx, batch);
             }
@@ -457,12 +484,10 @@ impl<S: LogStore> NodeCore<S> {
             self.apply_entry(e);
         }
         for rs in f.read_states {
-            let ctx = rs
-                .request_ctx
-                .as_ref()
-                .try_into()
-                .map(u64::from_le_bytes)
-                .unwrap_or(0);
+            let ctx = match parse_request_context(&rs.request_ctx) {
+                Some((proposer, ctx)) if proposer == self.cfg.proposer => ctx,
+                _ => continue,
+            };
             if let Some(batch) = self.reads_in_flight.remove(&ctx) {
                 self.reads_confirmed.push((rs.index, batch));
             }
@@ -506,7 +531,7 @@ impl<S: LogStore> NodeCore<S> {
                     return;
                 };
                 let conf_state = self.raw.apply_conf_change(&cc);
-                if let Some((proposer, seq)) = parse_conf_context(&cc.context) {
+                if let Some((proposer, seq)) = parse_request_context(&cc.context) {
                     if proposer == self.cfg.proposer {
                         if let Some(token) = self.confs.remove(&seq) {
                             self.outcomes

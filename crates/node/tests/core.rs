@@ -318,3 +318,23 @@ fn reads_waiting_for_confirmation_are_dropped_when_leadership_changes() {
         "{got:?}"
     );
 }
+
+/// Reads on the leader and on a follower whose first batches were numbered alike: the leader
+/// must answer both (contexts name their node), not take them for one request.
+#[test]
+fn concurrent_reads_from_different_nodes_are_all_answered() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.node(1).propose(1, put("a", "1")).unwrap();
+    c.stabilize();
+    c.take(1);
+    for id in 1..=3 {
+        c.node(id).read(100 + id, get("a")).unwrap();
+    }
+    c.stabilize();
+    for id in 1..=3 {
+        let got = c.take(id);
+        assert_eq!(got.len(), 1, "node {id}: {got:?}");
+        assert_eq!(read_value(&got[0]), Some(Bytes::from_static(b"1")));
+    }
+}
