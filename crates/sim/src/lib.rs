@@ -2,7 +2,6 @@
 //! faults, safety checks and a linearizability checker, all driven by one seed.
 
 pub mod check;
-pub mod kv;
 pub mod linearizability;
 pub mod rng;
 pub mod sim;

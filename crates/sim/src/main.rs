@@ -9,7 +9,7 @@ use std::time::Instant;
 fn usage() -> ! {
     eprintln!(
         "usage: keel-sim [--seeds N] [--start S] [--threads T] [--ticks K] [--nodes N] \
-         [--max-msg BYTES] [--fault-rate F] [--clients C] [--keys K] [--bug vote-twice|read-without-heartbeat|commit-old-term]"
+         [--max-msg BYTES] [--fault-rate F] [--clients C] [--keys K] [--no-faults] [--bug vote-twice|read-without-heartbeat|commit-old-term]"
     );
     eprintln!("       SIM_SEED=<n> keel-sim    (replay one seed with a trace)");
     std::process::exit(2)
@@ -24,6 +24,7 @@ fn main() {
     let mut fault_rate = 1.0f64;
     let mut clients = None;
     let mut keys = None;
+    let mut no_faults = false;
     #[allow(unused_mut)]
     let mut bug = String::new();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -50,6 +51,7 @@ fn main() {
                     .unwrap_or_else(|| usage())
             }
             "--bug" => bug = args.next().unwrap_or_else(|| usage()),
+            "--no-faults" => no_faults = true,
             _ => usage(),
         }
     }
@@ -62,6 +64,10 @@ fn main() {
             o.max_size_per_msg = m;
         }
         o.fault_rate = fault_rate;
+        if no_faults {
+            o.faults = false;
+            o.membership = false;
+        }
         if let Some(c) = clients {
             o.clients = c;
         }

@@ -6,18 +6,20 @@
 //! run is a pure function of its options.
 
 use crate::check::Checker;
-use crate::kv::{Command, Kv};
 use crate::linearizability::{CheckResult, History, Op, OpId, Output};
 use crate::rng::Rng;
 use crate::Fnv;
 use bytes::Bytes;
-use keel_raft::raftpb::ConfState;
-use keel_raft::raftpb::{
-    ConfChange, ConfChangeType, Entry, EntryType, HardState, Message, Snapshot,
+use keel_kv::{
+    Compare, CompareResult, CompareTarget, Op as KvOp, PutRequest, RangeRequest, RequestOp,
+    Response, TxnRequest,
 };
-use keel_raft::{Config, RawNode, StateRole, Storage};
+use keel_node::{NodeConfig, NodeCore, Outcome};
+use keel_raft::raftpb::ConfState;
+use keel_raft::raftpb::{ConfChange, ConfChangeType, Message};
+use keel_raft::storage::snapshot_position;
+use keel_raft::{Config, RawNode, StateRole};
 use keel_wal::{FaultError, MemFs, StorageOptions, WalOptions, WalStorage};
-use prost::Message as _;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -209,30 +211,20 @@ impl Ord for Queued {
     }
 }
 
-/// A Ready handed out and being "written" to the simulated disk.
-struct PendingWrite {
-    number: u64,
-    entries: Vec<Entry>,
-    hard_state: Option<HardState>,
-    snapshot: Option<Snapshot>,
-    persisted_messages: Vec<Message>,
-    committed: Vec<Entry>,
-    read_states: Vec<keel_raft::ReadState>,
-}
-
 struct Node {
     id: u64,
-    /// None while crashed. Its storage is the real WAL on `fs`.
-    raw: Option<RawNode<WalStorage>>,
+    /// None while crashed. The production node code: Raft, the real WAL on `fs`, the real
+    /// state machine.
+    core: Option<NodeCore<WalStorage>>,
     /// The node's disk: keeps exactly what was synced across a crash, plus whatever torn
     /// prefix of unsynced writes `crash_with` lets survive.
     fs: MemFs,
     /// A disk fault was injected: the node's next WAL error is expected, and stops the node.
     disk_fault_armed: bool,
-    kv: Kv,
     /// Bumped at each crash so disk completions of a previous life are ignored.
     incarnation: u64,
-    pending_write: Option<PendingWrite>,
+    /// A Ready is out and its write is being synced.
+    write_pending: bool,
     paused: bool,
     /// Messages and disk completions that arrived while paused, replayed on resume.
     paused_inbox: Vec<Message>,
@@ -241,13 +233,8 @@ struct Node {
     /// Ticks only one time in three: a node whose clock (or scheduling) lags, so its timeouts,
     /// CheckQuorum included, fire late compared with everyone else's.
     slow_clock: bool,
-    /// Proposals made here, waiting for their entry to be applied here: (client, seq) -> op.
-    proposals: HashMap<(u64, u64), OpId>,
-    /// Reads waiting for a read state: ctx -> (op, key).
-    reads: HashMap<u64, (OpId, u64)>,
-    /// Read states waiting for the state machine to catch up: (index, op, key).
-    ready_reads: Vec<(u64, OpId, u64)>,
-    last_snapshot: u64,
+    /// Requests taken here and not answered yet: NodeCore token -> client operation.
+    tokens: HashMap<u64, OpId>,
     /// Commit index up to which entries were reported to the checker as committed.
     last_commit_checked: u64,
 }
@@ -274,7 +261,6 @@ pub struct Sim {
     cut: BTreeSet<(u64, u64)>,
     net_faults: bool,
     healed_at: Option<u64>,
-    next_ctx: u64,
     trace: Fnv,
     pub stats: Stats,
     checker: Checker,
@@ -298,26 +284,23 @@ impl Sim {
             )
             .expect("bootstrap a data dir on an empty MemFs");
             fs.set_lying_sync(opts.lying_disks);
-            let mut n = Node {
+            let core = NodeCore::new(node_config(&opts, id, 0, rng.next_u64()), store)
+                .expect("a fresh data dir opens");
+            let n = Node {
                 id,
-                raw: None,
+                core: Some(core),
                 fs,
                 disk_fault_armed: false,
-                kv: Kv::default(),
                 incarnation: 0,
-                pending_write: None,
+                write_pending: false,
                 paused: false,
                 paused_inbox: Vec::new(),
                 paused_disk: false,
                 slow_disk: false,
                 slow_clock: false,
-                proposals: HashMap::new(),
-                reads: HashMap::new(),
-                ready_reads: Vec::new(),
-                last_snapshot: 0,
+                tokens: HashMap::new(),
                 last_commit_checked: 0,
             };
-            n.raw = Some(new_raw(&opts, id, rng.next_u64(), store, 0));
             nodes.insert(id, n);
         }
         let clients = (0..opts.clients)
@@ -340,7 +323,6 @@ impl Sim {
             history: History::new(),
             cut: BTreeSet::new(),
             healed_at: None,
-            next_ctx: 1,
             trace: Fnv::default(),
             stats: Stats::default(),
             checker: Checker::default(),
@@ -393,21 +375,21 @@ impl Sim {
             let leader = self.leader();
             let mut nodes = String::new();
             for n in self.nodes.values() {
-                match n.raw.as_ref() {
-                    Some(r) => nodes.push_str(&format!(
+                match n.core.as_ref() {
+                    Some(c) => nodes.push_str(&format!(
                         "\n    node {}: {} term {} leader {} commit {} applied {} last {} \
                          conf {:?}/{:?} paused {} write pending {}",
                         n.id,
-                        r.raft.role,
-                        r.raft.term,
-                        r.raft.leader_id,
-                        r.raft.raft_log.committed,
-                        n.kv.applied,
-                        r.raft.raft_log.last_index(),
-                        r.raft.trk.conf_state().voters,
-                        r.raft.trk.conf_state().learners,
+                        c.raw().raft.role,
+                        c.raw().raft.term,
+                        c.raw().raft.leader_id,
+                        c.raw().raft.raft_log.committed,
+                        c.applied(),
+                        c.raw().raft.raft_log.last_index(),
+                        c.raw().raft.trk.conf_state().voters,
+                        c.raw().raft.trk.conf_state().learners,
                         n.paused,
-                        n.pending_write.is_some()
+                        n.write_pending
                     )),
                     None => nodes.push_str(&format!("\n    node {}: down", n.id)),
                 }
@@ -459,7 +441,10 @@ impl Sim {
     }
 
     fn raw(&self, id: u64) -> Option<&RawNode<WalStorage>> {
-        self.nodes.get(&id).and_then(|n| n.raw.as_ref())
+        self.nodes
+            .get(&id)
+            .and_then(|n| n.core.as_ref())
+            .map(|c| c.raw())
     }
 
     pub fn role(&self, id: u64) -> Option<StateRole> {
@@ -505,23 +490,19 @@ impl Sim {
     }
 
     pub fn campaign(&mut self, id: u64) {
-        if let Some(raw) = self.nodes.get_mut(&id).and_then(|n| n.raw.as_mut()) {
-            let _ = raw.campaign();
+        if let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) {
+            let _ = core.campaign();
             self.drive(id);
         }
     }
 
     /// Proposes a put straight to `id` (no client waits for it). False if refused.
     pub fn propose_put(&mut self, id: u64, key: u64, value: u64) -> bool {
-        let cmd = Command {
-            client: 0,
-            seq: value,
-            op: Op::Put { key, value },
-        };
-        let Some(raw) = self.nodes.get_mut(&id).and_then(|n| n.raw.as_mut()) else {
+        let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) else {
             return false;
         };
-        let ok = raw.propose(Bytes::from(cmd.encode())).is_ok();
+        // Tokens with the top bit set are never a client operation's.
+        let ok = core.propose(1 << 63 | value, put_op(key, value)).is_ok();
         self.drive(id);
         ok
     }
@@ -546,7 +527,7 @@ impl Sim {
                 self.trace.write_u64(3);
                 self.trace.write_u64(node);
                 let n = self.nodes.get_mut(&node).expect("node exists");
-                if n.incarnation != incarnation || n.raw.is_none() {
+                if n.incarnation != incarnation || n.core.is_none() {
                     return;
                 }
                 if n.paused {
@@ -570,8 +551,8 @@ impl Sim {
                 if n.paused {
                     return;
                 }
-                if let Some(raw) = n.raw.as_mut() {
-                    raw.report_snapshot(to, ok);
+                if let Some(core) = n.core.as_mut() {
+                    core.report_snapshot(to, ok);
                     self.drive(leader);
                 }
             }
@@ -586,8 +567,8 @@ impl Sim {
             if n.paused || skip {
                 continue;
             }
-            if let Some(raw) = n.raw.as_mut() {
-                raw.tick();
+            if let Some(core) = n.core.as_mut() {
+                core.tick();
                 self.drive(id);
             }
         }
@@ -609,7 +590,7 @@ impl Sim {
         let down: Vec<u64> = self
             .nodes
             .values()
-            .filter(|n| n.raw.is_none())
+            .filter(|n| n.core.is_none())
             .map(|n| n.id)
             .collect();
         if !down.is_empty() && self.rng.chance(f * 0.08) {
@@ -651,7 +632,7 @@ impl Sim {
         if self.rng.chance(f * 0.01) {
             let id = *self.rng.pick(&ids).unwrap();
             let n = self.nodes.get_mut(&id).unwrap();
-            if n.raw.is_some() && !n.paused {
+            if n.core.is_some() && !n.paused {
                 n.paused = true;
                 self.stats.pauses += 1;
                 self.log(|| format!("pause {id}"));
@@ -700,7 +681,7 @@ impl Sim {
                 FaultError::Io
             };
             let n = self.nodes.get_mut(&id).unwrap();
-            if n.raw.is_some() && !n.disk_fault_armed {
+            if n.core.is_some() && !n.disk_fault_armed {
                 n.fs.fail_sync_after(after, err);
                 n.disk_fault_armed = true;
                 self.stats.disk_faults += 1;
@@ -714,7 +695,7 @@ impl Sim {
 
     /// A WAL error stops the node (fail-stop: after a failed fsync nothing on disk can be
     /// trusted until recovery re-reads it). Expected only after an injected disk fault.
-    fn disk_failure(&mut self, id: u64, e: keel_wal::Error) {
+    fn disk_failure(&mut self, id: u64, e: impl std::fmt::Display) {
         if !self.nodes[&id].disk_fault_armed {
             self.checker.violations.push(format!(
                 "storage: node {id} failed without an injected fault: {e}"
@@ -753,7 +734,7 @@ impl Sim {
             if n.paused {
                 self.resume(id);
             }
-            if self.nodes[&id].raw.is_none() {
+            if self.nodes[&id].core.is_none() {
                 self.restart(id);
             }
         }
@@ -761,11 +742,11 @@ impl Sim {
 
     fn crash(&mut self, id: u64) {
         let n = self.nodes.get_mut(&id).unwrap();
-        if n.raw.is_none() {
+        if n.core.is_none() {
             return;
         }
         self.stats.crashes += 1;
-        if n.pending_write.take().is_some() {
+        if std::mem::take(&mut n.write_pending) {
             self.stats.torn_writes += 1;
         }
         // The disk keeps what was synced; of each file's unsynced writes a random prefix
@@ -774,21 +755,20 @@ impl Sim {
         n.fs.crash_with(&mut |k| rng.range(0, k));
         n.fs.clear_faults();
         n.disk_fault_armed = false;
-        n.raw = None;
+        n.core = None;
         n.incarnation += 1;
         n.paused = false;
         n.paused_inbox.clear();
         n.paused_disk = false;
-        n.proposals.clear();
-        n.reads.clear();
-        n.ready_reads.clear();
+        // Requests in flight here are lost with the process; their clients time out.
+        n.tokens.clear();
         self.log(|| format!("crash {id}"));
     }
 
     fn restart(&mut self, id: u64) {
         let seed = self.rng.next_u64();
         let n = self.nodes.get_mut(&id).unwrap();
-        if n.raw.is_some() {
+        if n.core.is_some() {
             return;
         }
         self.stats.restarts += 1;
@@ -812,15 +792,19 @@ impl Sim {
                 return;
             }
         };
-        let snap = store
-            .snapshot(0)
-            .expect("the WAL storage holds its snapshot");
-        let snap_index = keel_raft::storage::snapshot_position(&snap).0;
-        n.kv = Kv::restore(&snap.data);
-        n.kv.applied = snap_index;
-        n.last_snapshot = snap_index;
         self.checker.on_durable_reload(id, *store.hard_state());
-        n.raw = Some(new_raw(&self.opts, id, seed, store, snap_index));
+        let incarnation = n.incarnation;
+        let core = match NodeCore::new(node_config(&self.opts, id, incarnation, seed), store) {
+            Ok(core) => core,
+            Err(e) => {
+                self.checker
+                    .violations
+                    .push(format!("recovery: node {id} could not start: {e}"));
+                return;
+            }
+        };
+        let snap_index = core.last_snapshot();
+        n.core = Some(core);
         self.log(|| format!("restart {id} from snapshot {snap_index}"));
         // Committed entries after the snapshot are re-applied through Ready.
         self.drive(id);
@@ -843,8 +827,14 @@ impl Sim {
 
     fn change_membership(&mut self) {
         let Some(leader) = self.leader() else { return };
-        let raw = self.nodes[&leader].raw.as_ref().unwrap();
-        let cs = raw.raft.trk.conf_state();
+        let cs = self.nodes[&leader]
+            .core
+            .as_ref()
+            .unwrap()
+            .raw()
+            .raft
+            .trk
+            .conf_state();
         let all: Vec<u64> = self.nodes.keys().copied().collect();
         let outside: Vec<u64> = all
             .iter()
@@ -873,8 +863,8 @@ impl Sim {
         } else {
             return;
         };
-        let raw = self.nodes.get_mut(&leader).unwrap().raw.as_mut().unwrap();
-        if raw.propose_conf_change(cc.clone()).is_ok() {
+        let core = self.nodes.get_mut(&leader).unwrap().core.as_mut().unwrap();
+        if core.propose_conf_change(1 << 63, cc.clone()).is_ok() {
             self.stats.conf_changes += 1;
             self.log(|| format!("propose {:?} {}", cc.change_type(), cc.node_id));
         }
@@ -886,7 +876,7 @@ impl Sim {
         self.nodes
             .values()
             .filter(|n| !n.paused)
-            .filter_map(|n| n.raw.as_ref().map(|r| (n.id, r)))
+            .filter_map(|n| n.core.as_ref().map(|c| (n.id, c.raw())))
             .filter(|(_, r)| r.raft.role == StateRole::Leader)
             .max_by_key(|(_, r)| r.raft.term)
             .map(|(id, _)| id)
@@ -915,7 +905,7 @@ impl Sim {
             // Snapshots go over their own stream: not dropped, duplicated or reordered, but the
             // receiver may be down, in which case the stream fails.
             let delay = self.rng.range(10, TICK);
-            let ok = self.nodes.get(&to).is_some_and(|n| n.raw.is_some());
+            let ok = self.nodes.get(&to).is_some_and(|n| n.core.is_some());
             self.schedule(delay, Ev::Deliver(Box::new(m)));
             self.schedule(
                 delay + 1,
@@ -958,7 +948,7 @@ impl Sim {
         let Some(n) = self.nodes.get_mut(&to) else {
             return;
         };
-        if n.raw.is_none() {
+        if n.core.is_none() {
             return;
         }
         if n.paused {
@@ -971,9 +961,9 @@ impl Sim {
 
     fn step(&mut self, id: u64, m: Message) {
         let n = self.nodes.get_mut(&id).unwrap();
-        if let Some(raw) = n.raw.as_mut() {
+        if let Some(core) = n.core.as_mut() {
             // Errors are expected (messages from removed nodes, stale responses).
-            let _ = raw.step(m);
+            let _ = core.step(m);
         }
     }
 
@@ -981,58 +971,32 @@ impl Sim {
     fn drive(&mut self, id: u64) {
         loop {
             let n = self.nodes.get_mut(&id).unwrap();
-            if n.paused || n.pending_write.is_some() {
+            if n.paused || n.write_pending {
                 return;
             }
-            let Some(raw) = n.raw.as_mut() else { return };
-            if !raw.has_ready() {
-                return;
-            }
-            let rd = raw.ready();
-            if let Some(ss) = rd.soft_state {
-                if ss.role == StateRole::Leader {
-                    self.stats.leader_changes += 1;
-                    let raw = self.nodes[&id].raw.as_ref().unwrap();
-                    let term = raw.raft.term;
-                    self.log(|| format!("{id} became leader at term {term}"));
-                    self.checker.on_leader(id, raw);
-                    // A leader that loses its network the moment it wins: its first appends
-                    // (its own-term entry) never leave it, so logs diverge across terms.
-                    if self.healed_at.is_none()
-                        && self.opts.faults
-                        && self.rng.chance(self.opts.fault_rate * 0.05)
-                    {
-                        self.isolate(id);
-                    }
+            let Some(core) = n.core.as_mut() else { return };
+            let out = match core.ready() {
+                Ok(Some(out)) => out,
+                Ok(None) => {
+                    self.handle_outcomes(id);
+                    return;
                 }
-            }
-            let raw = self.nodes[&id].raw.as_ref().unwrap();
-            self.checker.on_entries(id, raw, &rd.entries);
-            for m in rd.messages {
-                self.send(m);
-            }
-            let n = self.nodes.get_mut(&id).unwrap();
-            let nothing_to_write =
-                rd.entries.is_empty() && rd.snapshot.is_none() && rd.hard_state.is_none();
-            if !nothing_to_write && rd.snapshot.is_none() {
-                // Written now, durable only at the sync when the disk completes: a crash in
-                // between tears it.
-                let store = n.raw.as_mut().unwrap().store_mut();
-                if let Err(e) = store.write(rd.hard_state.as_ref(), &rd.entries) {
+                Err(e) => {
                     self.disk_failure(id, e);
                     return;
                 }
+            };
+            n.write_pending = true;
+            // Before the messages go out: a new leader may be isolated the moment it wins.
+            self.handle_outcomes(id);
+            let core = self.nodes[&id].core.as_ref().unwrap();
+            self.checker
+                .on_entries(id, core.raw(), core.pending_entries());
+            for m in out.messages {
+                self.send(m);
             }
-            n.pending_write = Some(PendingWrite {
-                number: rd.number,
-                entries: rd.entries,
-                hard_state: rd.hard_state,
-                snapshot: rd.snapshot,
-                persisted_messages: rd.persisted_messages,
-                committed: rd.committed_entries,
-                read_states: rd.read_states,
-            });
-            if nothing_to_write {
+            let n = self.nodes.get_mut(&id).unwrap();
+            if !out.must_sync {
                 self.complete_write(id);
                 continue;
             }
@@ -1053,129 +1017,123 @@ impl Sim {
         }
     }
 
-    /// The pending write is durable: persist, send what waited for it, apply, advance.
+    /// The Ready's write is durable: send what waited for it, apply, answer.
     fn complete_write(&mut self, id: u64) {
         let n = self.nodes.get_mut(&id).unwrap();
-        let Some(w) = n.pending_write.take() else {
-            return;
-        };
-        let store = n.raw.as_mut().unwrap().store_mut();
-        let synced = match &w.snapshot {
-            // A snapshot restarts the log: install it, then write what follows it.
-            Some(snap) => store
-                .apply_snapshot(snap.clone())
-                .and_then(|_| store.save(w.hard_state.as_ref(), &w.entries)),
-            None => store.sync(),
-        };
-        if let Err(e) = synced {
-            self.disk_failure(id, e);
+        if !std::mem::take(&mut n.write_pending) {
             return;
         }
-        let hs = *self.nodes[&id].raw.as_ref().unwrap().store().hard_state();
-        self.checker.on_durable(id, hs);
-        if let Some(hs) = w.hard_state {
+        let core = n.core.as_mut().unwrap();
+        let hs = core.pending_hard_state();
+        let installed = core.pending_snapshot().map(|s| snapshot_position(s).0);
+        let persisted = match core.persist() {
+            Ok(msgs) => msgs,
+            Err(e) => {
+                self.disk_failure(id, e);
+                return;
+            }
+        };
+        let core = self.nodes[&id].core.as_ref().unwrap();
+        self.checker
+            .on_durable(id, *core.raw().store().hard_state());
+        if let Some(hs) = hs {
             let n = &self.nodes[&id];
-            let known = n.kv.applied.max(n.last_commit_checked);
+            let known = core.applied().max(n.last_commit_checked);
             if hs.commit > known {
-                self.checker
-                    .on_commit(id, n.raw.as_ref().unwrap(), known + 1, hs.commit);
+                self.checker.on_commit(id, core.raw(), known + 1, hs.commit);
                 self.nodes.get_mut(&id).unwrap().last_commit_checked = hs.commit;
             }
         }
-        for m in w.persisted_messages {
+        for m in persisted {
             self.send(m);
         }
-        if let Some(s) = &w.snapshot {
-            let n = self.nodes.get_mut(&id).unwrap();
-            let idx = keel_raft::storage::snapshot_position(s).0;
-            n.kv = Kv::restore(&s.data);
-            n.kv.applied = idx;
-            n.last_snapshot = idx;
+        let core = self.nodes[&id].core.as_ref().unwrap();
+        let term = core.raw().raft.term;
+        for e in core.pending_committed() {
+            self.checker.on_apply(id, term, e);
+        }
+        if let Some(idx) = installed {
             self.stats.snapshots_installed += 1;
             self.log(|| format!("{id} installed snapshot at {idx}"));
         }
-        for e in &w.committed {
-            self.apply(id, e);
-        }
-        let n = self.nodes.get_mut(&id).unwrap();
-        for rs in w.read_states {
-            let ctx = u64::from_le_bytes(rs.request_ctx.as_ref().try_into().unwrap_or([0; 8]));
-            if let Some((op, key)) = n.reads.remove(&ctx) {
-                n.ready_reads.push((rs.index, op, key));
-            }
-        }
-        self.serve_reads(id);
-        let n = self.nodes.get_mut(&id).unwrap();
-        n.raw.as_mut().unwrap().advance(w.number);
-        self.maybe_snapshot(id);
-    }
-
-    fn apply(&mut self, id: u64, e: &Entry) {
-        let term = self.nodes[&id].raw.as_ref().map_or(0, |r| r.raft.term);
-        self.checker.on_apply(id, term, e);
-        let n = self.nodes.get_mut(&id).unwrap();
-        if e.index <= n.kv.applied {
-            // Already covered by the snapshot this node restored from.
-            return;
-        }
-        match e.entry_type() {
-            EntryType::EntryConfChange => {
-                n.kv.skip(e.index);
-                if let Ok(cc) = ConfChange::decode(e.data.as_ref()) {
-                    n.raw.as_mut().unwrap().apply_conf_change(&cc);
-                }
-            }
-            EntryType::EntryNormal => {
-                let Some(cmd) = Command::decode(&e.data) else {
-                    n.kv.skip(e.index);
-                    return;
-                };
-                let out = n.kv.apply(e.index, &cmd);
-                if let Some(op) = n.proposals.remove(&(cmd.client, cmd.seq)) {
-                    self.finish_op(op, cmd.client, out);
-                }
-            }
-        }
-    }
-
-    fn serve_reads(&mut self, id: u64) {
-        let n = self.nodes.get_mut(&id).unwrap();
-        let applied = n.kv.applied;
-        let (ready, waiting): (Vec<_>, Vec<_>) = n
-            .ready_reads
-            .drain(..)
-            .partition(|(idx, _, _)| *idx <= applied);
-        n.ready_reads = waiting;
-        let results: Vec<(OpId, Output)> = ready
-            .into_iter()
-            .map(|(_, op, key)| (op, Output::Get(n.kv.read(key))))
-            .collect();
-        for (op, out) in results {
-            let client = self.history.get(op).client;
-            self.finish_op(op, client, out);
-        }
-    }
-
-    fn maybe_snapshot(&mut self, id: u64) {
-        let every = self.opts.snapshot_every;
-        let n = self.nodes.get_mut(&id).unwrap();
-        if every == 0 || n.kv.applied < n.last_snapshot + every {
-            return;
-        }
-        let raw = n.raw.as_mut().unwrap();
-        let applied = n.kv.applied;
-        let cs = raw.raft.trk.conf_state();
-        let data = Bytes::from(n.kv.snapshot());
-        let store = raw.store_mut();
-        let taken = store
-            .create_snapshot(applied, cs, data)
-            .and_then(|_| store.compact_keeping(COMPACTION_MARGIN));
-        if let Err(e) = taken {
+        let core = self.nodes.get_mut(&id).unwrap().core.as_mut().unwrap();
+        let before = core.last_snapshot();
+        if let Err(e) = core.apply() {
             self.disk_failure(id, e);
             return;
         }
-        n.last_snapshot = applied;
-        self.stats.snapshots_taken += 1;
+        if installed.is_none() && core.last_snapshot() > before {
+            self.stats.snapshots_taken += 1;
+        }
+        self.handle_outcomes(id);
+    }
+
+    /// Hands the node's answers to the clients waiting for them.
+    fn handle_outcomes(&mut self, id: u64) {
+        let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) else {
+            return;
+        };
+        for o in core.take_outcomes() {
+            let (token, out) = match o {
+                Outcome::RoleChanged {
+                    role: StateRole::Leader,
+                    term,
+                    ..
+                } => {
+                    self.stats.leader_changes += 1;
+                    self.log(|| format!("{id} became leader at term {term}"));
+                    let raw = self.nodes[&id].core.as_ref().unwrap().raw();
+                    self.checker.on_leader(id, raw);
+                    // A leader that loses its network the moment it wins: its first appends
+                    // (its own-term entry) never leave it, so logs diverge across terms.
+                    if self.healed_at.is_none()
+                        && self.opts.faults
+                        && self.rng.chance(self.opts.fault_rate * 0.05)
+                    {
+                        self.isolate(id);
+                    }
+                    continue;
+                }
+                Outcome::RoleChanged { .. } | Outcome::ConfChange { .. } => continue,
+                Outcome::Write { token, result } => {
+                    let out = match result {
+                        Ok(Response::Put(_)) => Some(Output::Put),
+                        Ok(Response::Txn(t)) => Some(Output::Cas(t.succeeded)),
+                        _ => None,
+                    };
+                    (token, out)
+                }
+                Outcome::Read { token, result } => {
+                    let out = result
+                        .ok()
+                        .map(|r| Output::Get(r.kvs.first().map(|kv| decode_value(&kv.value))));
+                    (token, out)
+                }
+                Outcome::ReadDropped { token } => (token, None),
+            };
+            let Some(op) = self.nodes.get_mut(&id).unwrap().tokens.remove(&token) else {
+                continue;
+            };
+            let client = self.history.get(op).client;
+            match out {
+                Some(out) => self.finish_op(op, client, out),
+                // Refused by the state machine, or a read that could not be confirmed: it had
+                // no effect.
+                None => self.fail_op(op, client),
+            }
+        }
+    }
+
+    fn fail_op(&mut self, op: OpId, client: u64) {
+        let c = &mut self.clients[(client - 1) as usize];
+        if c.pending.map(|(p, _)| p) != Some(op) {
+            return;
+        }
+        c.pending = None;
+        self.history.fail_definitely(op);
+        self.stats.ops_failed += 1;
+        let d = self.rng.range(TICK / 2, 2 * TICK);
+        self.schedule(d, Ev::Client((client - 1) as usize));
     }
 
     fn finish_op(&mut self, op: OpId, client: u64, out: Output) {
@@ -1225,31 +1183,29 @@ impl Sim {
         let id = self.history.invoke(client, self.now, op);
         self.clients[ci].pending = Some((id, node));
         let n = self.nodes.get_mut(&node).unwrap();
-        let accepted = match (n.raw.as_mut(), n.paused) {
-            (Some(raw), false) => match op {
-                Op::Get { key } => {
-                    let ctx = self.next_ctx;
-                    self.next_ctx += 1;
-                    let ok = raw
-                        .read_index(Bytes::copy_from_slice(&ctx.to_le_bytes()))
-                        .is_ok();
-                    if ok {
-                        n.reads.insert(ctx, (id, key));
-                    }
-                    ok
-                }
-                _ => {
-                    let cmd = Command { client, seq, op };
-                    let ok = raw.propose(Bytes::from(cmd.encode())).is_ok();
-                    if ok {
-                        n.proposals.insert((client, seq), id);
-                    }
-                    ok
+        let token = id.index() as u64;
+        let accepted = match (n.core.as_mut(), n.paused) {
+            (Some(core), false) => match op {
+                Op::Get { key } => core
+                    .read(
+                        token,
+                        RangeRequest {
+                            key: key_bytes(key),
+                            ..Default::default()
+                        },
+                    )
+                    .is_ok(),
+                Op::Put { key, value } => core.propose(token, put_op(key, value)).is_ok(),
+                Op::Cas { key, expected, new } => {
+                    core.propose(token, cas_op(key, expected, new)).is_ok()
                 }
             },
             // A crashed or paused node does not take the request at all.
             _ => false,
         };
+        if accepted {
+            n.tokens.insert(token, id);
+        }
         if !accepted {
             self.history.fail_definitely(id);
             self.stats.ops_failed += 1;
@@ -1272,10 +1228,14 @@ impl Sim {
         }
         c.pending = None;
         self.stats.client_timeouts += 1;
+        self.log(|| format!("client {} gives up on {op} at node {node}", ci + 1));
         let n = self.nodes.get_mut(&node).unwrap();
-        n.proposals.retain(|_, o| *o != op);
-        n.reads.retain(|_, (o, _)| *o != op);
-        n.ready_reads.retain(|(_, o, _)| *o != op);
+        let token = op.index() as u64;
+        if n.tokens.remove(&token).is_some() {
+            if let Some(core) = n.core.as_mut() {
+                core.cancel(token);
+            }
+        }
         if matches!(self.history.get(op).op, Op::Get { .. }) {
             // A read that never answered had no effect: drop it.
             self.history.fail_definitely(op);
@@ -1293,29 +1253,27 @@ impl Sim {
         if self.clients.iter().any(|c| c.done_after_heal < 2) {
             return false;
         }
-        let l = self.nodes[&leader].raw.as_ref().unwrap();
-        let commit = l.raft.raft_log.committed;
-        let digest = self.nodes[&leader].kv.digest();
-        let cs = l.raft.trk.conf_state();
+        let l = self.nodes[&leader].core.as_ref().unwrap();
+        let commit = l.raw().raft.raft_log.committed;
+        let digest = l.kv().hash();
+        let cs = l.raw().raft.trk.conf_state();
         cs.voters.iter().chain(cs.learners.iter()).all(|id| {
-            let n = &self.nodes[id];
-            n.kv.applied == commit && n.kv.digest() == digest
+            self.nodes[id]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.applied() == commit && c.kv().hash() == digest)
         })
     }
 }
 
-fn new_raw(
-    opts: &Options,
-    id: u64,
-    seed: u64,
-    store: WalStorage,
-    applied: u64,
-) -> RawNode<WalStorage> {
-    let cfg = Config {
+/// The production node's configuration, with small limits so that every path gets exercised.
+fn node_config(opts: &Options, id: u64, incarnation: u64, seed: u64) -> NodeConfig {
+    // A new proposer id at every start, as the state machine's at-most-once table requires.
+    let mut c = NodeConfig::new(id, id << 32 | incarnation);
+    c.raft = Config {
         id,
         election_tick: ELECTION_TICK,
         heartbeat_tick: 1,
-        applied,
         // Small messages and windows so that replication is split across many messages and
         // flow control paths get exercised.
         max_size_per_msg: opts.max_size_per_msg,
@@ -1325,7 +1283,48 @@ fn new_raw(
         bugs: opts.bugs,
         ..Config::default()
     };
-    RawNode::new(&cfg, store).expect("valid config and storage")
+    c.snapshot_count = opts.snapshot_every;
+    c.compaction_margin = COMPACTION_MARGIN;
+    c
+}
+
+/// Keys sort numerically as bytes; values are little-endian u64s.
+fn key_bytes(key: u64) -> Bytes {
+    Bytes::copy_from_slice(&key.to_be_bytes())
+}
+
+fn decode_value(b: &[u8]) -> u64 {
+    b.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX)
+}
+
+fn put_op(key: u64, value: u64) -> KvOp {
+    KvOp::Put(PutRequest {
+        key: key_bytes(key),
+        value: Bytes::copy_from_slice(&value.to_le_bytes()),
+        ..Default::default()
+    })
+}
+
+/// Compare-and-set as an etcd transaction: the key holds `expected` (or, for `None`, has never
+/// been created in its current incarnation), then put `new`.
+fn cas_op(key: u64, expected: Option<u64>, new: u64) -> KvOp {
+    let target = match expected {
+        Some(v) => CompareTarget::Value(Bytes::copy_from_slice(&v.to_le_bytes())),
+        None => CompareTarget::Create(0),
+    };
+    let KvOp::Put(put) = put_op(key, new) else {
+        unreachable!("put_op builds a put")
+    };
+    KvOp::Txn(TxnRequest {
+        compare: vec![Compare {
+            result: CompareResult::Equal,
+            target,
+            key: key_bytes(key),
+            range_end: Bytes::new(),
+        }],
+        success: vec![RequestOp::Put(put)],
+        failure: vec![],
+    })
 }
 
 /// Small segments and cache so that rollover, purge and reads back from the file system happen
