@@ -335,13 +335,7 @@ impl<S: LogStore> NodeCore<S> {
     pub fn cancel(&mut self, token: Token) {
         self.writes.retain(|_, t| *t != token);
         self.confs.retain(|_, t| *t != token);
-        let before = self.read_queue.len()
-            + self.reads_in_flight.values().map(Vec::len).sum::<usize>()
-            + self
-                .reads_confirmed
-                .iter()
-                .map(|(_, b)| b.len())
-                .sum::<usize>();
+        let before = self.queued_reads();
         self.read_queue.retain(|(t, _)| *t != token);
         for b in self.reads_in_flight.values_mut() {
             b.retain(|(t, _)| *t != token);
@@ -349,14 +343,17 @@ impl<S: LogStore> NodeCore<S> {
         for (_, b) in self.reads_confirmed.iter_mut() {
             b.retain(|(t, _)| *t != token);
         }
-        let after = self.read_queue.len()
+        self.reads_count -= before - self.queued_reads();
+    }
+
+    fn queued_reads(&self) -> usize {
+        self.read_queue.len()
             + self.reads_in_flight.values().map(Vec::len).sum::<usize>()
             + self
                 .reads_confirmed
                 .iter()
                 .map(|(_, b)| b.len())
-                .sum::<usize>();
-        self.reads_count -= before - after;
+                .sum::<usize>()
     }
 
     pub fn take_outcomes(&mut self) -> Vec<Outcome> {

@@ -112,15 +112,7 @@ pub fn snapshot_name(index: u64, term: u64) -> String {
 }
 
 fn parse_snapshot_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(".snap")?;
-    let (a, b) = stem.split_once('-')?;
-    if a.len() != 16 || b.len() != 16 {
-        return None;
-    }
-    Some((
-        u64::from_str_radix(a, 16).ok()?,
-        u64::from_str_radix(b, 16).ok()?,
-    ))
+    crate::wal::parse_hex_pair_name(name, ".snap")
 }
 
 fn meta_of(snap: &Snapshot) -> SnapshotMetadata {

@@ -97,7 +97,13 @@ pub fn segment_name(seq: u64, first_index: u64) -> String {
 }
 
 fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(".wal")?;
+    parse_hex_pair_name(name, ".wal")
+}
+
+/// Parses `<16 hex digits>-<16 hex digits><ext>`, the naming of segments and snapshot files;
+/// anything else (temp files, foreign files) is not ours.
+pub(crate) fn parse_hex_pair_name(name: &str, ext: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(ext)?;
     let (a, b) = stem.split_once('-')?;
     if a.len() != 16 || b.len() != 16 {
         return None;
