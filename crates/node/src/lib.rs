@@ -3,9 +3,10 @@
 //! `NodeCore` owns a `RawNode`, the `keel_kv::Store` it replicates and the table of requests
 //! waiting for an answer. It does no I/O of its own: storage goes through `LogStore` (the WAL,
 //! over whatever file system it was opened on), and messages and answers are handed back to
-//! the caller. The server's driver and the simulator run the same code.
+//! the caller. The server's driver ([`driver`]) and the simulator run the same code.
 
 pub mod core;
+pub mod driver;
 pub mod log_store;
 
 pub use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, Outgoing, Token};

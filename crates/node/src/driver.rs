@@ -1,0 +1,901 @@
+//! The node runtime: `NodeCore` on its own OS thread, fed by the transport, a tick timer and
+//! clients through one bounded channel.
+//!
+//! ```text
+//!  transport inbox/reports ──pump task──┐
+//!  tick timer task ─────────────────────┼──▶ input channel ──▶ Raft thread (NodeCore + WAL)
+//!  NodeHandle (clients, try_send) ──────┘                        │ ready → send → persist (fsync)
+//!                                                                │ → send → apply → answers
+//!                                      oneshot replies ◀─────────┘
+//! ```
+//!
+//! Only the Raft thread touches `NodeCore`, so nothing is locked on the hot path. The fsync runs
+//! inline on that thread, after the Ready's messages went to the transport, so a leader's
+//! appends travel while its own flush is under way. Clients never wait for room: a full queue
+//! is `DriverError::Overloaded` at once, and every request carries a deadline after which it is
+//! answered `Timeout` and cancelled in the core.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keel_kv::{Op, PutRequest, RangeRequest, RangeResponse, Response};
+use keel_proto::raftpb::{ConfChange, ConfChangeType, ConfState, Message};
+use keel_raft::{DropReason, StateRole, StorageError};
+use keel_transport::{Inbox, Report, Reports, Transport};
+use keel_wal::{Fs, StdFs, StorageOptions, WalStorage};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, Token};
+
+/// Inputs the Raft thread handles before it takes a Ready. Every input taken before a Ready is
+/// covered by that Ready's single fsync (group commit), so a larger batch means fewer syncs
+/// under load; the bound keeps one iteration short (a few ms of stepping), so heartbeats and
+/// answers are not held back behind a long queue.
+const MAX_INPUT_BATCH: usize = 256;
+
+/// Channel slots beyond the clients' share, for peer messages, reports and ticks. Clients can
+/// fill at most `max_queued_requests` slots, so a client flood never crowds out the messages
+/// that keep the cluster alive.
+const INTERNAL_HEADROOM: usize = 1024;
+
+/// How long past its deadline a caller still waits for the Raft thread's own answer. The
+/// thread answers expired requests on the next tick; this only covers a thread stuck in a
+/// slow fsync, which it cannot interrupt.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// The boot counter, in the data dir; see [`next_boot`].
+const BOOT_FILE: &str = "boot";
+const BOOT_TMP: &str = "boot.tmp";
+
+/// What `start` needs. `DriverConfig::new` gives the defaults; change fields, then `start`
+/// validates them.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Non-zero, and below 2^32: the proposer id is `id << 32 | boot`.
+    pub id: u64,
+    pub cluster_id: u64,
+    pub data_dir: PathBuf,
+    /// Every member's peer address (`host:port`), by id. This node's own entry, if present, is
+    /// ignored.
+    pub peers: BTreeMap<u64, String>,
+    /// Where the transport listens for peers.
+    pub listen: SocketAddr,
+    /// Voters of a new cluster; used only when `data_dir` holds no WAL yet. Empty means this
+    /// node joins an existing cluster and waits to be added and sent its state.
+    pub initial_members: Vec<u64>,
+    /// Time per Raft tick (100 ms, as raftexample): with the election and heartbeat ticks it
+    /// gives a 1 to 2 s election timeout and 100 ms heartbeats, comfortable on a LAN.
+    pub tick_interval: Duration,
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Applied entries between snapshots (and log compactions).
+    pub snapshot_count: u64,
+    /// Time a request may take before it is answered `Timeout` (5 s): several election
+    /// timeouts, so a request survives one leader change.
+    pub request_timeout: Duration,
+    /// Client requests waiting in the input channel (1024). Past it, requests fail with
+    /// `Overloaded` at once. Requests the core holds are bounded separately by its
+    /// `max_pending_writes` and `max_pending_reads`.
+    pub max_queued_requests: usize,
+}
+
+impl DriverConfig {
+    pub fn new(id: u64, cluster_id: u64, data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        DriverConfig {
+            id,
+            cluster_id,
+            data_dir: data_dir.into(),
+            peers: BTreeMap::new(),
+            listen,
+            initial_members: Vec::new(),
+            tick_interval: Duration::from_millis(100),
+            election_tick: 10,
+            heartbeat_tick: 1,
+            snapshot_count: 10_000,
+            request_timeout: Duration::from_secs(5),
+            max_queued_requests: 1024,
+        }
+    }
+
+    fn validate(&self) -> Result<(), DriverError> {
+        let bad = |s: &str| Err(DriverError::Config(s.to_string()));
+        if self.id == 0 || self.id > u64::from(u32::MAX) {
+            return bad("id must be in 1..2^32 (the proposer id is id << 32 | boot)");
+        }
+        if self.tick_interval.is_zero() || self.request_timeout.is_zero() {
+            return bad("tick_interval and request_timeout must be non-zero");
+        }
+        if self.max_queued_requests == 0 {
+            return bad("max_queued_requests must be non-zero");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// No leader is known (an election is under way); retry shortly.
+    #[error("no leader; retry later")]
+    NoLeader,
+    /// The core refused the request (leader transfer, uncommitted-size limit, this node is not
+    /// a member, a refused membership change).
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("too many requests in flight; retry later")]
+    Overloaded,
+    /// The deadline passed. A write may still be applied later.
+    #[error("request timed out")]
+    Timeout,
+    /// The state machine answered the request with an error (a failed compare, a missing key
+    /// for `ignore_value`, ...).
+    #[error(transparent)]
+    Kv(#[from] keel_kv::Error),
+    /// Opening the data dir failed at start.
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("transport: {0}")]
+    Transport(String),
+    /// A thread or task of the runtime could not be started.
+    #[error("start: {0}")]
+    Start(String),
+    /// The node is shut down, or stopped itself after a storage error.
+    #[error("node stopped")]
+    Stopped,
+}
+
+pub type Result<T, E = DriverError> = std::result::Result<T, E>;
+
+/// A snapshot of the node's Raft state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub id: u64,
+    /// This process's proposer id (`id << 32 | boot`).
+    pub proposer: u64,
+    pub role: StateRole,
+    pub term: u64,
+    /// 0 when none is known.
+    pub leader: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_snapshot: u64,
+    pub voters: Vec<u64>,
+    /// Requests the Raft thread holds for an answer.
+    pub pending_requests: usize,
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// A read that came back `None` was dropped by a leadership change; the handle retries it.
+type ReadReply = Reply<Option<RangeResponse>>;
+
+enum Input {
+    Tick,
+    Peer(Message),
+    Report(Report),
+    Propose {
+        op: Op,
+        deadline: Instant,
+        reply: Reply<Response>,
+    },
+    Read {
+        range: RangeRequest,
+        deadline: Instant,
+        reply: ReadReply,
+    },
+    ConfChange {
+        cc: ConfChange,
+        /// Dialled before proposing, so the leader can reach a new member once it is added.
+        addr: Option<String>,
+        deadline: Instant,
+        reply: Reply<ConfState>,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+    Shutdown,
+}
+
+impl Input {
+    /// Client inputs count against `max_queued_requests`; internal ones use the headroom.
+    fn is_client(&self) -> bool {
+        !matches!(
+            self,
+            Input::Tick | Input::Peer(_) | Input::Report(_) | Input::Shutdown
+        )
+    }
+}
+
+enum Waiter {
+    Write(Reply<Response>),
+    Read(ReadReply),
+    Conf(Reply<ConfState>),
+}
+
+impl Waiter {
+    fn fail(self, e: DriverError) {
+        // A caller that went away no longer wants the answer.
+        let _ = match self {
+            Waiter::Write(r) => r.send(Err(e)).is_ok(),
+            Waiter::Read(r) => r.send(Err(e)).is_ok(),
+            Waiter::Conf(r) => r.send(Err(e)).is_ok(),
+        };
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiter::Write(r) => r.is_closed(),
+            Waiter::Read(r) => r.is_closed(),
+            Waiter::Conf(r) => r.is_closed(),
+        }
+    }
+}
+
+struct Pending {
+    deadline: Instant,
+    waiter: Waiter,
+}
+
+/// The Raft thread's state. Invariant: every token in `pending` is held by the core (accepted
+/// by `propose`, `read` or `propose_conf_change` and neither answered nor cancelled), so
+/// `pending` is bounded by the core's `max_pending_writes + max_pending_reads`.
+struct RaftLoop {
+    id: u64,
+    proposer: u64,
+    core: NodeCore<WalStorage>,
+    transport: Arc<Transport>,
+    pending: HashMap<Token, Pending>,
+    next_token: Token,
+    queued: Arc<AtomicUsize>,
+}
+
+fn refusal(e: NodeError) -> DriverError {
+    match e {
+        NodeError::Overloaded(_) => DriverError::Overloaded,
+        NodeError::Raft(keel_raft::Error::ProposalDropped(DropReason::NoLeader)) => {
+            DriverError::NoLeader
+        }
+        other => DriverError::Refused(other.to_string()),
+    }
+}
+
+/// Errors after which the disk state is unknown: the node must stop (see `NodeError::Storage`).
+fn is_fatal(e: &NodeError) -> bool {
+    matches!(
+        e,
+        NodeError::Storage(_)
+            | NodeError::Snapshot(_)
+            | NodeError::Raft(keel_raft::Error::Storage(StorageError::Other(_)))
+    )
+}
+
+impl RaftLoop {
+    fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        if let Err(e) = self.serve(&mut rx) {
+            error!(node = self.id, "stopping after a storage error: {e}");
+        }
+        for (_, p) in self.pending.drain() {
+            p.waiter.fail(DriverError::Stopped);
+        }
+        // Closing first makes new requests fail with `Stopped` at once; dropping what is still
+        // queued drops its reply senders, which the callers also see as `Stopped`.
+        rx.close();
+        while rx.try_recv().is_ok() {}
+        info!(node = self.id, "raft loop stopped");
+    }
+
+    fn serve(&mut self, rx: &mut mpsc::Receiver<Input>) -> Result<(), NodeError> {
+        // Entries committed before a restart are re-applied through the first Readies.
+        self.drain_ready()?;
+        while let Some(first) = rx.blocking_recv() {
+            let mut input = Some(first);
+            let mut taken = 0;
+            while let Some(i) = input {
+                if !self.handle(i)? {
+                    return Ok(());
+                }
+                taken += 1;
+                if taken == MAX_INPUT_BATCH {
+                    break;
+                }
+                input = rx.try_recv().ok();
+            }
+            self.drain_ready()?;
+        }
+        Ok(())
+    }
+
+    fn token(&mut self) -> Token {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// Returns whether to go on.
+    fn handle(&mut self, input: Input) -> Result<bool, NodeError> {
+        if input.is_client() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        match input {
+            Input::Tick => {
+                self.core.tick();
+                self.expire(Instant::now());
+            }
+            Input::Peer(m) => {
+                if let Err(e) = self.core.step(m) {
+                    if is_fatal(&e) {
+                        return Err(e);
+                    }
+                    debug!(node = self.id, "refused a peer message: {e}");
+                }
+            }
+            Input::Report(Report::Unreachable(id)) => self.core.report_unreachable(id),
+            Input::Report(Report::Snapshot { to, ok }) => self.core.report_snapshot(to, ok),
+            Input::Propose {
+                op,
+                deadline,
+                reply,
+            } => {
+                let token = self.token();
+                let r = self.core.propose(token, op);
+                self.admit(token, deadline, Waiter::Write(reply), r)?;
+            }
+            Input::Read {
+                range,
+                deadline,
+                reply,
+            } => {
+                let token = self.token();
+                let r = self.core.read(token, range);
+                self.admit(token, deadline, Waiter::Read(reply), r)?;
+            }
+            Input::ConfChange {
+                cc,
+                addr,
+                deadline,
+                reply,
+            } => {
+                if let Some(addr) = addr {
+                    if let Err(e) = self.transport.add_peer(cc.node_id, &addr) {
+                        let _ = reply.send(Err(DriverError::Transport(e.to_string())));
+                        return Ok(true);
+                    }
+                }
+                let token = self.token();
+                let r = self.core.propose_conf_change(token, cc);
+                self.admit(token, deadline, Waiter::Conf(reply), r)?;
+            }
+            Input::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Input::Shutdown => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn admit(
+        &mut self,
+        token: Token,
+        deadline: Instant,
+        waiter: Waiter,
+        accepted: Result<(), NodeError>,
+    ) -> Result<(), NodeError> {
+        match accepted {
+            Ok(()) => {
+                self.pending.insert(token, Pending { deadline, waiter });
+                Ok(())
+            }
+            Err(e) if is_fatal(&e) => {
+                waiter.fail(DriverError::Stopped);
+                Err(e)
+            }
+            Err(e) => {
+                waiter.fail(refusal(e));
+                Ok(())
+            }
+        }
+    }
+
+    /// Answers requests past their deadline, and forgets those whose caller went away, so
+    /// neither holds a slot of the core's bounded tables.
+    fn expire(&mut self, now: Instant) {
+        let done: Vec<Token> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now || p.waiter.is_closed())
+            .map(|(t, _)| *t)
+            .collect();
+        for token in done {
+            if let Some(p) = self.pending.remove(&token) {
+                self.core.cancel(token);
+                p.waiter.fail(DriverError::Timeout);
+            }
+        }
+    }
+
+    fn send(&self, messages: Vec<Message>) {
+        for m in messages {
+            // A message the transport cannot queue is dropped and counted there; Raft
+            // retransmits, so the loop never waits for a peer.
+            if let Err(e) = self.transport.send(m) {
+                debug!(node = self.id, "message not sent: {e}");
+            }
+        }
+    }
+
+    fn drain_ready(&mut self) -> Result<(), NodeError> {
+        while let Some(out) = self.core.ready()? {
+            self.send(out.messages);
+            let after_sync = self.core.persist()?;
+            self.send(after_sync);
+            self.core.apply()?;
+        }
+        for o in self.core.take_outcomes() {
+            self.deliver(o);
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, o: Outcome) {
+        let (token, answer) = match o {
+            Outcome::RoleChanged { role, term, leader } => {
+                log_role(self.id, role, term, leader);
+                return;
+            }
+            Outcome::Write { token, result } => (token, Answer::Write(result)),
+            Outcome::Read { token, result } => (token, Answer::Read(result.map(Some))),
+            Outcome::ReadDropped { token } => (token, Answer::Read(Ok(None))),
+            Outcome::ConfChange { token, conf_state } => (token, Answer::Conf(conf_state)),
+        };
+        // Absent when the request timed out; the core forgot it then, so this is a late
+        // answer from an outcome produced in the same Ready.
+        let Some(p) = self.pending.remove(&token) else {
+            return;
+        };
+        // Callers that went away are fine: nobody wants the answer.
+        match (p.waiter, answer) {
+            (Waiter::Write(r), Answer::Write(res)) => {
+                let _ = r.send(res.map_err(DriverError::Kv));
+            }
+            (Waiter::Read(r), Answer::Read(res)) => {
+                let _ = r.send(res.map_err(DriverError::Kv));
+            }
+            (Waiter::Conf(r), Answer::Conf(cs)) => {
+                let _ = r.send(Ok(cs));
+            }
+            (w, _) => {
+                // Tokens are unique per request, so the core answered a token with another
+                // kind of answer than it was asked: a bug in the core, not worth a crash here.
+                error!(node = self.id, token, "answer of the wrong kind");
+                w.fail(DriverError::Refused(
+                    "internal: answer of the wrong kind".into(),
+                ));
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let raft = &self.core.raw().raft;
+        Status {
+            id: self.id,
+            proposer: self.proposer,
+            role: raft.role,
+            term: raft.term,
+            leader: raft.leader_id,
+            commit: raft.raft_log.committed,
+            applied: self.core.applied(),
+            last_snapshot: self.core.last_snapshot(),
+            voters: raft.trk.conf_state().voters,
+            pending_requests: self.pending.len(),
+        }
+    }
+}
+
+enum Answer {
+    Write(Result<Response, keel_kv::Error>),
+    Read(Result<Option<RangeResponse>, keel_kv::Error>),
+    Conf(ConfState),
+}
+
+fn log_role(id: u64, role: StateRole, term: u64, leader: u64) {
+    match role {
+        StateRole::Leader => info!(node = id, "became leader at term {term}"),
+        StateRole::Follower => info!(node = id, "became follower at term {term}, leader {leader}"),
+        StateRole::Candidate => info!(node = id, "became candidate at term {term}"),
+        StateRole::PreCandidate => info!(node = id, "became pre-candidate at term {term}"),
+    }
+}
+
+/// Increments the boot counter in `dir` durably and returns it. The proposer id must differ at
+/// every process start (see `NodeConfig::proposer`), so the new value is on disk (temp file,
+/// fsync, rename, directory fsync) before the node proposes anything with it.
+fn next_boot(dir: &Path) -> std::io::Result<u64> {
+    let path = dir.join(BOOT_FILE);
+    let prev = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u64>().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let boot = prev + 1;
+    if boot > u64::from(u32::MAX) {
+        return Err(std::io::Error::other(
+            "boot counter exhausted (the proposer id holds 32 bits of it)",
+        ));
+    }
+    let tmp = dir.join(BOOT_TMP);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{boot}\n").as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(boot)
+}
+
+fn has_wal(dir: &Path) -> std::io::Result<bool> {
+    let wal = dir.join("wal");
+    if !wal.exists() {
+        return Ok(false);
+    }
+    for e in std::fs::read_dir(wal)? {
+        if e?.file_name().to_string_lossy().ends_with(".wal") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Opens (or bootstraps) the data dir and builds the core. Blocking file I/O.
+fn open_core(cfg: &DriverConfig) -> Result<(NodeCore<WalStorage>, u64)> {
+    let dir = cfg.data_dir.as_path();
+    let io = |e: std::io::Error| DriverError::Storage(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let boot = next_boot(dir).map_err(io)?;
+    let proposer = (cfg.id << 32) | boot;
+    let fs: Arc<dyn Fs> = Arc::new(StdFs);
+    let opts = StorageOptions::new(cfg.id, cfg.cluster_id);
+    let store = if has_wal(dir).map_err(io)? || cfg.initial_members.is_empty() {
+        WalStorage::open(fs, dir, opts)
+    } else {
+        let conf = ConfState {
+            voters: cfg.initial_members.clone(),
+            learners: vec![],
+        };
+        WalStorage::bootstrap(fs, dir, opts, conf)
+    }
+    .map_err(|e| DriverError::Storage(e.to_string()))?;
+    let mut nc = NodeConfig::new(cfg.id, proposer);
+    nc.raft.election_tick = cfg.election_tick;
+    nc.raft.heartbeat_tick = cfg.heartbeat_tick;
+    nc.snapshot_count = cfg.snapshot_count;
+    nc.compaction_margin = nc.compaction_margin.min(cfg.snapshot_count);
+    let core = NodeCore::new(nc, store).map_err(|e| match e {
+        NodeError::Config(s) => DriverError::Config(s),
+        NodeError::Raft(keel_raft::Error::ConfigInvalid(s)) => DriverError::Config(s),
+        other => DriverError::Storage(other.to_string()),
+    })?;
+    info!(node = cfg.id, boot, "opened {}", dir.display());
+    Ok((core, proposer))
+}
+
+/// Feeds peer messages and transport reports to the Raft thread. Waiting for room here leaves
+/// messages in the transport's inbox, which drops past its own bound rather than stalling the
+/// peer connections.
+async fn pump(mut inbox: Inbox, mut reports: Reports, tx: mpsc::Sender<Input>) {
+    loop {
+        let input = tokio::select! {
+            m = inbox.recv() => match m {
+                Some(m) => Input::Peer(m),
+                None => return,
+            },
+            r = reports.recv() => match r {
+                Some(r) => Input::Report(r),
+                None => return,
+            },
+        };
+        if tx.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn ticker(tx: mpsc::Sender<Input>, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    // After a pause, catch-up ticks in a burst would expire election timeouts all at once.
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        match tx.try_send(Input::Tick) {
+            // A loop with the whole headroom queued is far behind; a lost tick only delays
+            // timeouts by one interval.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+struct Parts {
+    thread: std::thread::JoinHandle<()>,
+    /// Resolves (with an error) when the Raft thread has dropped everything it owned.
+    done: oneshot::Receiver<()>,
+    pump: JoinHandle<()>,
+    ticker: JoinHandle<()>,
+    transport: Arc<Transport>,
+}
+
+struct Shared {
+    id: u64,
+    local_addr: SocketAddr,
+    tick_interval: Duration,
+    request_timeout: Duration,
+    max_queued_requests: usize,
+    /// Client inputs in the channel. Invariant: at most `max_queued_requests` once a
+    /// `submit` that overshot has undone its increment.
+    queued: Arc<AtomicUsize>,
+    parts: tokio::sync::Mutex<Option<Parts>>,
+}
+
+/// A cheap, cloneable handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Input>,
+    shared: Arc<Shared>,
+}
+
+/// Starts a node: opens or bootstraps its data dir, binds its transport, and starts the Raft
+/// thread, the tick timer and the transport pump. Must be called within a tokio runtime.
+pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
+    cfg.validate()?;
+    let opened = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_core(&cfg))
+            .await
+            .map_err(|e| DriverError::Start(format!("opening the data dir: {e}")))??
+    };
+    let (core, proposer) = opened;
+    let tcfg = keel_transport::Config::new(cfg.id, cfg.cluster_id);
+    let (transport, inbox, reports) = Transport::bind(tcfg, cfg.listen)
+        .await
+        .map_err(|e| DriverError::Transport(e.to_string()))?;
+    for (&id, addr) in &cfg.peers {
+        if id != cfg.id {
+            transport
+                .add_peer(id, addr)
+                .map_err(|e| DriverError::Transport(e.to_string()))?;
+        }
+    }
+    let local_addr = transport.local_addr();
+    let transport = Arc::new(transport);
+    let (tx, rx) = mpsc::channel(cfg.max_queued_requests + INTERNAL_HEADROOM);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let raft_loop = RaftLoop {
+        id: cfg.id,
+        proposer,
+        core,
+        transport: transport.clone(),
+        pending: HashMap::new(),
+        next_token: 0,
+        queued: queued.clone(),
+    };
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("keel-raft-{}", cfg.id))
+        .spawn(move || {
+            raft_loop.run(rx);
+            drop(done_tx);
+        })
+        .map_err(|e| DriverError::Start(format!("spawning the raft thread: {e}")))?;
+    let pump = tokio::spawn(pump(inbox, reports, tx.clone()));
+    let ticker = tokio::spawn(ticker(tx.clone(), cfg.tick_interval));
+    info!(
+        node = cfg.id,
+        proposer, "node started, peers on {local_addr}"
+    );
+    Ok(NodeHandle {
+        tx,
+        shared: Arc::new(Shared {
+            id: cfg.id,
+            local_addr,
+            tick_interval: cfg.tick_interval,
+            request_timeout: cfg.request_timeout,
+            max_queued_requests: cfg.max_queued_requests,
+            queued,
+            parts: tokio::sync::Mutex::new(Some(Parts {
+                thread,
+                done: done_rx,
+                pump,
+                ticker,
+                transport,
+            })),
+        }),
+    })
+}
+
+impl NodeHandle {
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The transport's listening address (useful when `listen` had port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    fn submit(&self, input: Input) -> Result<()> {
+        let q = &self.shared.queued;
+        if q.fetch_add(1, Ordering::AcqRel) >= self.shared.max_queued_requests {
+            q.fetch_sub(1, Ordering::AcqRel);
+            return Err(DriverError::Overloaded);
+        }
+        self.tx.try_send(input).map_err(|e| {
+            q.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                mpsc::error::TrySendError::Full(_) => DriverError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => DriverError::Stopped,
+            }
+        })
+    }
+
+    async fn call<T>(&self, deadline: Instant, make: impl FnOnce(Reply<T>) -> Input) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(make(reply))?;
+        let wait = deadline.saturating_duration_since(Instant::now()) + ANSWER_GRACE;
+        match tokio::time::timeout(wait, answer).await {
+            Ok(Ok(r)) => r,
+            // The Raft thread dropped the reply: it stopped.
+            Ok(Err(_)) => Err(DriverError::Stopped),
+            Err(_) => Err(DriverError::Timeout),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.shared.request_timeout
+    }
+
+    /// Proposes a write and waits until it is applied on this node (after a quorum made it
+    /// durable). A follower forwards it to the leader inside Raft.
+    pub async fn propose(&self, op: Op) -> Result<Response> {
+        let deadline = self.deadline();
+        self.call(deadline, |reply| Input::Propose {
+            op,
+            deadline,
+            reply,
+        })
+        .await
+    }
+
+    /// Puts `key`; returns the revision of the write.
+    pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<i64> {
+        let op = Op::Put(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        });
+        match self.propose(op).await? {
+            Response::Put(p) => Ok(p.revision),
+            other => Err(DriverError::Refused(format!(
+                "internal: a put answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// A linearizable range read (ReadIndex). A read dropped by a leadership change is retried
+    /// until the request deadline.
+    pub async fn read(&self, range: RangeRequest) -> Result<RangeResponse> {
+        let deadline = self.deadline();
+        loop {
+            let range = range.clone();
+            let answer = self
+                .call(deadline, |reply| Input::Read {
+                    range,
+                    deadline,
+                    reply,
+                })
+                .await?;
+            if let Some(r) = answer {
+                return Ok(r);
+            }
+            // Dropped: leadership is changing, which takes at least a tick to settle.
+            let pause = self.shared.tick_interval;
+            if Instant::now() + pause >= deadline {
+                return Err(DriverError::Timeout);
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// A linearizable get of one key.
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>> {
+        let r = self
+            .read(RangeRequest {
+                key: key.into(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(r.kvs.into_iter().next().map(|kv| kv.value))
+    }
+
+    /// Proposes a membership change and waits until it is applied here; returns the
+    /// configuration then in force. With `addr`, the transport dials `cc.node_id` there first.
+    pub async fn conf_change(&self, cc: ConfChange, addr: Option<String>) -> Result<ConfState> {
+        let deadline = self.deadline();
+        self.call(deadline, |reply| Input::ConfChange {
+            cc,
+            addr,
+            deadline,
+            reply,
+        })
+        .await
+    }
+
+    /// Adds a voter reachable at `addr`.
+    pub async fn add_member(&self, id: u64, addr: impl Into<String>) -> Result<ConfState> {
+        let mut cc = ConfChange {
+            node_id: id,
+            ..Default::default()
+        };
+        cc.set_change_type(ConfChangeType::AddNode);
+        self.conf_change(cc, Some(addr.into())).await
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<ConfState> {
+        let mut cc = ConfChange {
+            node_id: id,
+            ..Default::default()
+        };
+        cc.set_change_type(ConfChangeType::RemoveNode);
+        self.conf_change(cc, None).await
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::Status { reply })?;
+        match tokio::time::timeout(self.shared.request_timeout, answer).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(_)) => Err(DriverError::Stopped),
+            Err(_) => Err(DriverError::Timeout),
+        }
+    }
+
+    /// Stops the node and waits until the Raft thread, its tasks and the transport are gone
+    /// (the data dir is closed and the port free). Pending requests get `Stopped`. Later
+    /// calls, from any clone, return at once.
+    pub async fn shutdown(&self) {
+        let Some(parts) = self.shared.parts.lock().await.take() else {
+            return;
+        };
+        // `send` waits for room rather than failing: shutdown must get through a full queue.
+        // It fails only when the thread already stopped on its own.
+        let _ = self.tx.send(Input::Shutdown).await;
+        let _ = parts.done.await;
+        let thread = parts.thread;
+        if let Ok(Err(_)) = tokio::task::spawn_blocking(move || thread.join()).await {
+            warn!(node = self.shared.id, "raft thread panicked");
+        }
+        parts.ticker.abort();
+        parts.pump.abort();
+        let _ = parts.ticker.await;
+        let _ = parts.pump.await;
+        match Arc::try_unwrap(parts.transport) {
+            Ok(t) => t.shutdown().await,
+            Err(_) => warn!(
+                node = self.shared.id,
+                "transport still shared at shutdown; dropped without waiting"
+            ),
+        }
+        info!(node = self.shared.id, "node shut down");
+    }
+}
