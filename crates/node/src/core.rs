@@ -23,6 +23,7 @@ use prost::Message as _;
 use std::collections::HashMap;
 
 use crate::log_store::LogStore;
+use crate::snapshot::{self, AddressBook};
 
 /// Identifies a request to whoever made it; opaque to the node.
 pub type Token = u64;
@@ -89,6 +90,9 @@ pub enum NodeError {
     Config(String),
     #[error("state machine snapshot: {0}")]
     Snapshot(String),
+    /// A request that can never succeed as given (a malformed peer address).
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }
 
 impl From<keel_raft::StorageError> for NodeError {
@@ -111,6 +115,12 @@ pub enum Outcome {
     },
     /// A membership change proposed here was applied; the configuration now in force.
     ConfChange { token: Token, conf_state: ConfState },
+    /// The membership or the address book changed (a change applied here, whoever proposed it,
+    /// or a snapshot installed). `removed` names a member a change took out.
+    Members {
+        conf_state: ConfState,
+        removed: Option<u64>,
+    },
     /// A read that cannot be confirmed any more (leadership changed while it waited); retry.
     ReadDropped { token: Token },
     /// This node's role or its known leader changed.
@@ -167,6 +177,9 @@ pub struct NodeCore<S: LogStore> {
     /// Index of the last entry applied (or covered by the snapshot restored).
     applied: u64,
     last_snapshot: u64,
+    /// Peer addresses of members, replicated through membership changes and snapshots.
+    /// Entries may outlive their member only until the change removing it is applied.
+    peers: AddressBook,
     in_flight: Option<InFlight>,
     outcomes: Vec<Outcome>,
 }
@@ -195,11 +208,7 @@ impl<S: LogStore> NodeCore<S> {
         cfg.validate()?;
         let snap = store.snapshot(0)?;
         let (index, _) = snapshot_position(&snap);
-        let kv = if snap.data.is_empty() {
-            Store::new()
-        } else {
-            Store::restore(&snap.data).map_err(|e| NodeError::Snapshot(e.to_string()))?
-        };
+        let (peers, kv) = restore(&snap.data)?;
         let mut raft_cfg = cfg.raft.clone();
         raft_cfg.applied = index;
         let raw = RawNode::new(&raft_cfg, store)?;
@@ -217,6 +226,7 @@ impl<S: LogStore> NodeCore<S> {
             next_ctx: 1,
             applied: index,
             last_snapshot: index,
+            peers,
             in_flight: None,
             outcomes: Vec::new(),
         })
@@ -227,6 +237,11 @@ impl<S: LogStore> NodeCore<S> {
     }
 
     /// The state machine, for serializable (local, possibly stale) reads and status.
+    /// Peer addresses of the members, as replicated (see `propose_conf_change`).
+    pub fn peers(&self) -> &AddressBook {
+        &self.peers
+    }
+
     pub fn kv(&self) -> &Store {
         &self.kv
     }
@@ -303,6 +318,8 @@ impl<S: LogStore> NodeCore<S> {
     }
 
     /// Proposes a membership change; `Outcome::ConfChange` follows once it is applied here.
+    /// A change that adds a member may carry its peer address (`host:port`) as `cc.context`;
+    /// every member records it when applying the change.
     pub fn propose_conf_change(
         &mut self,
         token: Token,
@@ -311,8 +328,22 @@ impl<S: LogStore> NodeCore<S> {
         if self.writes.len() + self.confs.len() >= self.cfg.max_pending_writes {
             return Err(NodeError::Overloaded(self.cfg.max_pending_writes));
         }
+        let addr = if cc.context.is_empty() {
+            None
+        } else {
+            let a = std::str::from_utf8(&cc.context)
+                .map_err(|_| NodeError::Invalid("peer address is not UTF-8".into()))?;
+            if a.len() > snapshot::MAX_ADDR_LEN {
+                return Err(NodeError::Invalid(format!(
+                    "peer address longer than {} bytes",
+                    snapshot::MAX_ADDR_LEN
+                )));
+            }
+            Some(a.to_string())
+        };
         let seq = self.next_seq;
-        cc.context = request_context(self.cfg.proposer, seq);
+        let req = request_context(self.cfg.proposer, seq);
+        cc.context = snapshot::conf_context(&req, addr.as_deref());
         self.raw.propose_conf_change(cc)?;
         self.next_seq += 1;
         self.confs.insert(seq, token);
@@ -473,9 +504,13 @@ impl<S: LogStore> NodeCore<S> {
         );
         if let Some(snap) = &f.snapshot {
             let (index, _) = snapshot_position(snap);
-            self.kv = Store::restore(&snap.data).map_err(|e| NodeError::Snapshot(e.to_string()))?;
+            (self.peers, self.kv) = restore(&snap.data)?;
             self.applied = index;
             self.last_snapshot = index;
+            self.outcomes.push(Outcome::Members {
+                conf_state: self.raw.raft.trk.conf_state(),
+                removed: None,
+            });
         }
         for e in &f.committed {
             self.apply_entry(e);
@@ -527,8 +562,25 @@ impl<S: LogStore> NodeCore<S> {
                 let Ok(cc) = ConfChange::decode(e.data.as_ref()) else {
                     return;
                 };
+                let before = self.raw.raft.trk.conf_state();
                 let conf_state = self.raw.apply_conf_change(&cc);
-                if let Some((proposer, seq)) = parse_request_context(&cc.context) {
+                let (req, addr) = snapshot::parse_conf_context(&cc.context);
+                let id = cc.node_id;
+                let member = |cs: &ConfState| cs.voters.contains(&id) || cs.learners.contains(&id);
+                let mut removed = None;
+                if member(&conf_state) {
+                    if let Some(a) = addr {
+                        self.peers.insert(id, a.to_string());
+                    }
+                } else if member(&before) {
+                    self.peers.remove(&id);
+                    removed = Some(id);
+                }
+                self.outcomes.push(Outcome::Members {
+                    conf_state: conf_state.clone(),
+                    removed,
+                });
+                if let Some((proposer, seq)) = req.and_then(parse_request_context) {
                     if proposer == self.cfg.proposer {
                         if let Some(token) = self.confs.remove(&seq) {
                             self.outcomes
@@ -561,7 +613,7 @@ impl<S: LogStore> NodeCore<S> {
             return Ok(());
         }
         let cs = self.raw.raft.trk.conf_state();
-        let data = self.kv.snapshot();
+        let data = snapshot::encode(&self.peers, &self.kv.snapshot());
         let (index, margin) = (self.applied, self.cfg.compaction_margin);
         self.raw
             .store_mut()
@@ -570,4 +622,15 @@ impl<S: LogStore> NodeCore<S> {
         self.last_snapshot = index;
         Ok(())
     }
+}
+
+/// The address book and state machine a snapshot's data holds.
+fn restore(data: &Bytes) -> Result<(AddressBook, Store), NodeError> {
+    let (peers, kv) = snapshot::decode(data).map_err(NodeError::Snapshot)?;
+    let kv = if kv.is_empty() {
+        Store::new()
+    } else {
+        Store::restore(&kv).map_err(|e| NodeError::Snapshot(e.to_string()))?
+    };
+    Ok((peers, kv))
 }

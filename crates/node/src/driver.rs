@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_kv::{Op, PutRequest, RangeRequest, RangeResponse, Response};
-use keel_proto::raftpb::{ConfChange, ConfChangeType, ConfState, Message};
-use keel_raft::{DropReason, StateRole, StorageError};
+use keel_proto::raftpb::{
+    ConfChange, ConfChangeType, ConfState, Message, Snapshot, SnapshotMetadata,
+};
+use keel_raft::{DropReason, StateRole, Storage, StorageError};
 use keel_transport::{Inbox, Report, Reports, Transport};
 use keel_wal::{Fs, StdFs, StorageOptions, WalStorage};
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +36,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, Token};
+use crate::metrics::Metrics;
+use crate::snapshot::{self, AddressBook};
 
 /// Inputs the Raft thread handles before it takes a Ready. Every input taken before a Ready is
 /// covered by that Ready's single fsync (group commit), so a larger batch means fewer syncs
@@ -51,6 +55,14 @@ const INTERNAL_HEADROOM: usize = 1024;
 /// slow fsync, which it cannot interrupt.
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
+/// Leader transfers waiting to complete. A transfer is an operator action; a handful at once is
+/// plenty, and the bound keeps a script gone wrong from growing the list.
+const MAX_TRANSFERS: usize = 16;
+
+/// A Ready whose fsync takes longer is logged as a warning: at that latency every write waits
+/// and heartbeats are late, so an operator wants to know about the disk.
+const SLOW_FSYNC: Duration = Duration::from_millis(500);
+
 /// The boot counter, in the data dir; see [`next_boot`].
 const BOOT_FILE: &str = "boot";
 const BOOT_TMP: &str = "boot.tmp";
@@ -63,8 +75,8 @@ pub struct DriverConfig {
     pub id: u64,
     pub cluster_id: u64,
     pub data_dir: PathBuf,
-    /// Every member's peer address (`host:port`), by id. This node's own entry, if present, is
-    /// ignored.
+    /// Every member's peer address (`host:port`, or a URL like `http://host:port`), by id. This
+    /// node's own entry, if present, is the address it advertises to others.
     pub peers: BTreeMap<u64, String>,
     /// Where the transport listens for peers.
     pub listen: SocketAddr,
@@ -116,6 +128,17 @@ impl DriverConfig {
         if self.max_queued_requests == 0 {
             return bad("max_queued_requests must be non-zero");
         }
+        if self.election_tick <= self.heartbeat_tick || self.heartbeat_tick == 0 {
+            return bad("election_tick must be above heartbeat_tick, which must be non-zero");
+        }
+        for (id, url) in &self.peers {
+            if *id == 0 {
+                return bad("peer id 0 is not valid");
+            }
+            if let Err(e) = peer_addr(url) {
+                return Err(DriverError::Config(format!("peer {id}: {e}")));
+            }
+        }
         Ok(())
     }
 }
@@ -151,6 +174,19 @@ pub enum DriverError {
     /// The node is shut down, or stopped itself after a storage error.
     #[error("node stopped")]
     Stopped,
+    /// The request names a node that is not a member.
+    #[error("node {0} is not a member")]
+    UnknownMember(u64),
+    /// The request conflicts with the cluster's state: a membership change is already under
+    /// way, it would remove the last voter, the node is already a member.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The request is malformed (a bad peer address, a bad revision).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Only the leader can do this; `0` when no leader is known.
+    #[error("not the leader (leader is {0})")]
+    NotLeader(u64),
 }
 
 pub type Result<T, E = DriverError> = std::result::Result<T, E>;
@@ -168,9 +204,39 @@ pub struct Status {
     pub commit: u64,
     pub applied: u64,
     pub last_snapshot: u64,
+    /// Last index of the log (persisted or not).
+    pub last_index: u64,
     pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Voters and learners, in id order.
+    pub members: Vec<MemberStatus>,
+    /// The leader's peer address, when known.
+    pub leader_addr: Option<String>,
+    /// Bytes of write-ahead log on disk.
+    pub wal_bytes: u64,
     /// Requests the Raft thread holds for an answer.
     pub pending_requests: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub peer_url: Option<String>,
+    pub learner: bool,
+    /// Replication progress; known only on the leader (0 elsewhere).
+    pub matched: u64,
+    pub next: u64,
+}
+
+/// A hash of the state machine at a revision (etcd's HashKV), for comparing members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashInfo {
+    /// The revision hashed.
+    pub revision: i64,
+    pub compact_revision: i64,
+    pub hash: u32,
+    /// The node's applied index when it answered.
+    pub applied: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -201,6 +267,20 @@ enum Input {
     },
     Status {
         reply: oneshot::Sender<Status>,
+    },
+    /// A serializable read of the local state.
+    ReadLocal {
+        range: RangeRequest,
+        reply: Reply<RangeResponse>,
+    },
+    Hash {
+        revision: i64,
+        reply: Reply<HashInfo>,
+    },
+    Transfer {
+        to: u64,
+        deadline: Instant,
+        reply: Reply<u64>,
     },
     Shutdown,
 }
@@ -256,6 +336,11 @@ struct RaftLoop {
     pending: HashMap<Token, Pending>,
     next_token: Token,
     queued: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    /// Transfers waiting for the named node to lead. Invariant: `len() <= MAX_TRANSFERS`.
+    transfers: Vec<(u64, Instant, Reply<u64>)>,
+    /// The leader last seen, to count leader changes.
+    last_leader: u64,
 }
 
 fn refusal(e: NodeError) -> DriverError {
@@ -264,6 +349,8 @@ fn refusal(e: NodeError) -> DriverError {
         NodeError::Raft(keel_raft::Error::ProposalDropped(DropReason::NoLeader)) => {
             DriverError::NoLeader
         }
+        NodeError::Raft(keel_raft::Error::ConfChangeRefused(why)) => DriverError::Conflict(why),
+        NodeError::Invalid(why) => DriverError::Invalid(why),
         other => DriverError::Refused(other.to_string()),
     }
 }
@@ -329,6 +416,27 @@ impl RaftLoop {
                 self.core.tick();
                 self.expire(Instant::now());
             }
+            Input::ReadLocal { range, reply } => {
+                let _ = reply.send(self.core.kv().range(&range).map_err(DriverError::Kv));
+            }
+            Input::Hash { revision, reply } => {
+                let kv = self.core.kv();
+                let answer = kv
+                    .hash_kv(revision)
+                    .map(|h| HashInfo {
+                        revision: h.hash_revision,
+                        compact_revision: h.compact_revision,
+                        hash: h.hash,
+                        applied: self.core.applied(),
+                    })
+                    .map_err(DriverError::Kv);
+                let _ = reply.send(answer);
+            }
+            Input::Transfer {
+                to,
+                deadline,
+                reply,
+            } => self.transfer(to, deadline, reply),
             Input::Peer(m) => {
                 if let Err(e) = self.core.step(m) {
                     if is_fatal(&e) {
@@ -337,7 +445,10 @@ impl RaftLoop {
                     debug!(node = self.id, "refused a peer message: {e}");
                 }
             }
-            Input::Report(Report::Unreachable(id)) => self.core.report_unreachable(id),
+            Input::Report(Report::Unreachable(id)) => {
+                self.metrics.peer_unreachable.inc();
+                self.core.report_unreachable(id);
+            }
             Input::Report(Report::Snapshot { to, ok }) => self.core.report_snapshot(to, ok),
             Input::Propose {
                 op,
@@ -346,6 +457,11 @@ impl RaftLoop {
             } => {
                 let token = self.token();
                 let r = self.core.propose(token, op);
+                if r.is_ok() {
+                    self.metrics.proposals.inc();
+                } else {
+                    self.metrics.proposals_failed.inc();
+                }
                 self.admit(token, deadline, Waiter::Write(reply), r)?;
             }
             Input::Read {
@@ -355,19 +471,31 @@ impl RaftLoop {
             } => {
                 let token = self.token();
                 let r = self.core.read(token, range);
+                if r.is_ok() {
+                    self.metrics.reads.inc();
+                }
                 self.admit(token, deadline, Waiter::Read(reply), r)?;
             }
             Input::ConfChange {
-                cc,
+                mut cc,
                 addr,
                 deadline,
                 reply,
             } => {
+                if let Err(e) = self.check_conf_change(&cc) {
+                    let _ = reply.send(Err(e));
+                    return Ok(true);
+                }
                 if let Some(addr) = addr {
-                    if let Err(e) = self.transport.add_peer(cc.node_id, &addr) {
-                        let _ = reply.send(Err(DriverError::Transport(e.to_string())));
-                        return Ok(true);
+                    // Dialled now so the leader reaches the new member as soon as the change
+                    // applies; the address also rides in the change for the other members.
+                    if cc.node_id != self.id {
+                        if let Err(e) = self.transport.add_peer(cc.node_id, &addr) {
+                            let _ = reply.send(Err(DriverError::Transport(e.to_string())));
+                            return Ok(true);
+                        }
                     }
+                    cc.context = Bytes::from(addr);
                 }
                 let token = self.token();
                 let r = self.core.propose_conf_change(token, cc);
@@ -419,6 +547,135 @@ impl RaftLoop {
                 p.waiter.fail(DriverError::Timeout);
             }
         }
+        let (late, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.transfers)
+            .into_iter()
+            .partition(|(_, deadline, reply)| *deadline <= now || reply.is_closed());
+        self.transfers = waiting;
+        for (_, _, reply) in late {
+            let _ = reply.send(Err(DriverError::Timeout));
+        }
+    }
+
+    /// Refuses a membership change that cannot succeed, with the reason a client can act on,
+    /// before it reaches the log. The leader checks again when it is proposed (its view of
+    /// the configuration is the one that counts); this check makes the common mistakes a
+    /// clear answer on any member rather than a timeout.
+    fn check_conf_change(&self, cc: &ConfChange) -> Result<()> {
+        let cs = self.core.raw().raft.trk.conf_state();
+        let id = cc.node_id;
+        let voter = cs.voters.contains(&id);
+        let learner = cs.learners.contains(&id);
+        if id == 0 {
+            return Err(DriverError::Invalid("node id 0 is not valid".into()));
+        }
+        match cc.change_type() {
+            ConfChangeType::RemoveNode if !voter && !learner => Err(DriverError::UnknownMember(id)),
+            ConfChangeType::RemoveNode if voter && cs.voters.len() == 1 => Err(
+                DriverError::Conflict(format!("node {id} is the last voter")),
+            ),
+            ConfChangeType::AddNode if voter => Err(DriverError::Conflict(format!(
+                "node {id} is already a voter"
+            ))),
+            ConfChangeType::AddLearnerNode if voter || learner => Err(DriverError::Conflict(
+                format!("node {id} is already a member"),
+            )),
+            _ => {
+                let raft = &self.core.raw().raft;
+                if raft.role == StateRole::Leader && raft.pending_conf_index > self.core.applied() {
+                    return Err(DriverError::Conflict(
+                        "another membership change is in progress".into(),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn transfer(&mut self, to: u64, deadline: Instant, reply: Reply<u64>) {
+        let raft = &self.core.raw().raft;
+        let cs = raft.trk.conf_state();
+        let to = if to != 0 {
+            to
+        } else if raft.role != StateRole::Leader {
+            let _ = reply.send(Err(DriverError::NotLeader(raft.leader_id)));
+            return;
+        } else {
+            // The most caught-up other voter takes over with the least catching up.
+            let best = cs
+                .voters
+                .iter()
+                .filter(|&&v| v != self.id)
+                .max_by_key(|&&v| raft.trk.progress.get(&v).map_or(0, |p| p.matched));
+            match best {
+                Some(&v) => v,
+                None => {
+                    let _ = reply.send(Err(DriverError::Conflict(
+                        "there is no other voter to transfer to".into(),
+                    )));
+                    return;
+                }
+            }
+        };
+        if !cs.voters.contains(&to) {
+            let _ = reply.send(Err(if cs.learners.contains(&to) {
+                DriverError::Conflict(format!("node {to} is a learner; promote it first"))
+            } else {
+                DriverError::UnknownMember(to)
+            }));
+            return;
+        }
+        if raft.leader_id == to {
+            let _ = reply.send(Ok(to));
+            return;
+        }
+        if raft.leader_id == 0 {
+            let _ = reply.send(Err(DriverError::NoLeader));
+            return;
+        }
+        if self.transfers.len() >= MAX_TRANSFERS {
+            let _ = reply.send(Err(DriverError::Overloaded));
+            return;
+        }
+        info!(node = self.id, "transferring leadership to {to}");
+        self.core.transfer_leader(to);
+        self.transfers.push((to, deadline, reply));
+    }
+
+    /// Answers transfers whose target now leads.
+    fn finish_transfers(&mut self) {
+        if self.transfers.is_empty() {
+            return;
+        }
+        let leader = self.core.raw().raft.leader_id;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.transfers)
+            .into_iter()
+            .partition(|(to, _, _)| *to == leader);
+        self.transfers = waiting;
+        for (to, _, reply) in done {
+            let _ = reply.send(Ok(to));
+        }
+    }
+
+    /// Brings the transport's peers in line with the replicated address book: members it
+    /// learned of are dialled, a removed member is dropped. Peers given at start are kept.
+    fn reconcile_peers(&mut self, removed: Option<u64>) {
+        let known: BTreeMap<u64, String> = self.transport.peers().into_iter().collect();
+        for (&id, addr) in self.core.peers() {
+            if id == self.id || known.get(&id) == Some(addr) {
+                continue;
+            }
+            // The transport logs the new address, or moves a known peer to it.
+            if let Err(e) = self.transport.add_peer(id, addr) {
+                warn!(node = self.id, "cannot add peer {id} at {addr}: {e}");
+            }
+        }
+        if let Some(id) = removed {
+            if id == self.id {
+                warn!(node = self.id, "this node was removed from the cluster");
+            } else {
+                self.transport.remove_peer(id);
+            }
+        }
     }
 
     fn send(&self, messages: Vec<Message>) {
@@ -426,20 +683,52 @@ impl RaftLoop {
             // A message the transport cannot queue is dropped and counted there; Raft
             // retransmits, so the loop never waits for a peer.
             if let Err(e) = self.transport.send(m) {
+                self.metrics.peer_send_failures.inc();
                 debug!(node = self.id, "message not sent: {e}");
             }
         }
     }
 
     fn drain_ready(&mut self) -> Result<(), NodeError> {
+        let (commit0, applied0, snap0) = (
+            self.core.raw().raft.raft_log.committed,
+            self.core.applied(),
+            self.core.last_snapshot(),
+        );
         while let Some(out) = self.core.ready()? {
             self.send(out.messages);
+            let started = Instant::now();
             let after_sync = self.core.persist()?;
+            if out.must_sync {
+                let took = started.elapsed();
+                self.metrics.fsync_seconds.observe(took.as_secs_f64());
+                if took >= SLOW_FSYNC {
+                    warn!(node = self.id, "slow fsync: {} ms", took.as_millis());
+                }
+            }
             self.send(after_sync);
             self.core.apply()?;
         }
         for o in self.core.take_outcomes() {
             self.deliver(o);
+        }
+        self.finish_transfers();
+        let raft = &self.core.raw().raft;
+        let m = &self.metrics;
+        m.committed
+            .inc_by(raft.raft_log.committed.saturating_sub(commit0));
+        m.applied
+            .inc_by(self.core.applied().saturating_sub(applied0));
+        m.term.set(raft.term as i64);
+        m.is_leader.set(i64::from(raft.role == StateRole::Leader));
+        m.commit_index.set(raft.raft_log.committed as i64);
+        m.applied_index.set(self.core.applied() as i64);
+        let snap = self.core.last_snapshot();
+        if snap != snap0 {
+            m.snapshots.inc();
+            m.wal_bytes
+                .set(self.core.raw().store().wal().bytes() as i64);
+            info!(node = self.id, "snapshot at index {snap}");
         }
         Ok(())
     }
@@ -448,6 +737,25 @@ impl RaftLoop {
         let (token, answer) = match o {
             Outcome::RoleChanged { role, term, leader } => {
                 log_role(self.id, role, term, leader);
+                if leader != self.last_leader && leader != 0 {
+                    self.metrics.leader_changes.inc();
+                }
+                if leader != 0 {
+                    self.last_leader = leader;
+                }
+                return;
+            }
+            Outcome::Members {
+                conf_state,
+                removed,
+            } => {
+                info!(
+                    node = self.id,
+                    "membership: voters {:?}, learners {:?}",
+                    conf_state.voters,
+                    conf_state.learners
+                );
+                self.reconcile_peers(removed);
                 return;
             }
             Outcome::Write { token, result } => (token, Answer::Write(result)),
@@ -484,6 +792,36 @@ impl RaftLoop {
 
     fn status(&self) -> Status {
         let raft = &self.core.raw().raft;
+        let cs = raft.trk.conf_state();
+        let transport: BTreeMap<u64, String> = self.transport.peers().into_iter().collect();
+        let url = |id: u64| {
+            self.core
+                .peers()
+                .get(&id)
+                .or_else(|| transport.get(&id))
+                .cloned()
+        };
+        let leading = raft.role == StateRole::Leader;
+        let mut members: Vec<MemberStatus> = cs
+            .voters
+            .iter()
+            .map(|&v| (v, false))
+            .chain(cs.learners.iter().map(|&l| (l, true)))
+            .map(|(id, learner)| {
+                let (matched, next) = match raft.trk.progress.get(&id) {
+                    Some(p) if leading => (p.matched, p.next_idx),
+                    _ => (0, 0),
+                };
+                MemberStatus {
+                    id,
+                    peer_url: url(id),
+                    learner,
+                    matched,
+                    next,
+                }
+            })
+            .collect();
+        members.sort_by_key(|m| m.id);
         Status {
             id: self.id,
             proposer: self.proposer,
@@ -493,7 +831,12 @@ impl RaftLoop {
             commit: raft.raft_log.committed,
             applied: self.core.applied(),
             last_snapshot: self.core.last_snapshot(),
-            voters: raft.trk.conf_state().voters,
+            last_index: raft.raft_log.last_index(),
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+            members,
+            leader_addr: (raft.leader_id != 0).then(|| url(raft.leader_id)).flatten(),
+            wal_bytes: self.core.raw().store().wal().bytes(),
             pending_requests: self.pending.len(),
         }
     }
@@ -545,21 +888,58 @@ fn next_boot(dir: &Path) -> std::io::Result<u64> {
     Ok(boot)
 }
 
-fn has_wal(dir: &Path) -> std::io::Result<bool> {
-    let wal = dir.join("wal");
-    if !wal.exists() {
-        return Ok(false);
+/// `host:port` from a peer URL as raftexample writes them (`http://127.0.0.1:12379`) or a
+/// bare address. The transport speaks its own protocol whatever the scheme says.
+pub fn peer_addr(url: &str) -> Result<String, String> {
+    let s = url.trim();
+    let s = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .or_else(|| s.strip_prefix("tcp://"))
+        .unwrap_or(s);
+    let s = s.trim_end_matches('/');
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("peer address {url:?} is not host:port"))?;
+    if host.is_empty() || host.contains('/') || s.len() > snapshot::MAX_ADDR_LEN {
+        return Err(format!("peer address {url:?} is not host:port"));
     }
-    for e in std::fs::read_dir(wal)? {
-        if e?.file_name().to_string_lossy().ends_with(".wal") {
-            return Ok(true);
-        }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(s.to_string()),
+        _ => Err(format!("peer address {url:?} has no valid port")),
     }
-    Ok(false)
 }
 
-/// Opens (or bootstraps) the data dir and builds the core. Blocking file I/O.
-fn open_core(cfg: &DriverConfig) -> Result<(NodeCore<WalStorage>, u64)> {
+/// The snapshot a new cluster starts from, at index 1 term 1 on every initial member. It sits
+/// at index 1 rather than 0 so that a member added later, whose log is empty, needs entry 1,
+/// which no log holds: the leader sends it a snapshot, and with it the configuration and the
+/// address book, instead of replaying a log that lacks the initial configuration.
+fn bootstrap_snapshot(voters: &[u64], book: &AddressBook) -> Snapshot {
+    Snapshot {
+        data: snapshot::encode(book, &[]),
+        metadata: Some(SnapshotMetadata {
+            conf_state: Some(ConfState {
+                voters: voters.to_vec(),
+                learners: vec![],
+            }),
+            index: 1,
+            term: 1,
+        }),
+    }
+}
+
+/// A store that has never held anything: no entries, no snapshot, no vote.
+fn is_pristine(store: &WalStorage) -> Result<bool, String> {
+    let snap = store.snapshot(0).map_err(|e| e.to_string())?;
+    let last = store.last_index().map_err(|e| e.to_string())?;
+    Ok(keel_raft::storage::snapshot_position(&snap).0 == 0
+        && last == 0
+        && *store.hard_state() == Default::default())
+}
+
+/// Opens (or bootstraps) the data dir and builds the core. Blocking file I/O. `book` is the
+/// address book a new cluster starts with.
+fn open_core(cfg: &DriverConfig, book: &AddressBook) -> Result<(NodeCore<WalStorage>, u64)> {
     let dir = cfg.data_dir.as_path();
     let io = |e: std::io::Error| DriverError::Storage(format!("{}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(io)?;
@@ -567,16 +947,20 @@ fn open_core(cfg: &DriverConfig) -> Result<(NodeCore<WalStorage>, u64)> {
     let proposer = (cfg.id << 32) | boot;
     let fs: Arc<dyn Fs> = Arc::new(StdFs);
     let opts = StorageOptions::new(cfg.id, cfg.cluster_id);
-    let store = if has_wal(dir).map_err(io)? || cfg.initial_members.is_empty() {
-        WalStorage::open(fs, dir, opts)
-    } else {
-        let conf = ConfState {
-            voters: cfg.initial_members.clone(),
-            learners: vec![],
-        };
-        WalStorage::bootstrap(fs, dir, opts, conf)
+    let storage = |e: String| DriverError::Storage(format!("{}: {e}", dir.display()));
+    let mut store = WalStorage::open(fs, dir, opts).map_err(|e| storage(e.to_string()))?;
+    // Checked on every start rather than only when the directory is new, so that a crash in
+    // the middle of a bootstrap is finished on the next start instead of leaving a node that
+    // waits forever to be added.
+    if !cfg.initial_members.is_empty() && is_pristine(&store).map_err(storage)? {
+        info!(
+            node = cfg.id,
+            "bootstrapping a new cluster with voters {:?}", cfg.initial_members
+        );
+        store
+            .apply_snapshot(bootstrap_snapshot(&cfg.initial_members, book))
+            .map_err(|e| storage(e.to_string()))?;
     }
-    .map_err(|e| DriverError::Storage(e.to_string()))?;
     let mut nc = NodeConfig::new(cfg.id, proposer);
     nc.raft.election_tick = cfg.election_tick;
     nc.raft.heartbeat_tick = cfg.heartbeat_tick;
@@ -642,6 +1026,7 @@ struct Shared {
     tick_interval: Duration,
     request_timeout: Duration,
     max_queued_requests: usize,
+    metrics: Arc<Metrics>,
     /// Client inputs in the channel. Invariant: at most `max_queued_requests` once a
     /// `submit` that overshot has undone its increment.
     queued: Arc<AtomicUsize>,
@@ -659,28 +1044,37 @@ pub struct NodeHandle {
 /// thread, the tick timer and the transport pump. Must be called within a tokio runtime.
 pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
     cfg.validate()?;
+    let tcfg = keel_transport::Config::new(cfg.id, cfg.cluster_id);
+    let (transport, inbox, reports) = Transport::bind(tcfg, cfg.listen)
+        .await
+        .map_err(|e| DriverError::Transport(format!("listening on {}: {e}", cfg.listen)))?;
+    let local_addr = transport.local_addr();
+    let mut book: AddressBook = AddressBook::new();
+    for (&id, url) in &cfg.peers {
+        book.insert(id, peer_addr(url).map_err(DriverError::Config)?);
+    }
+    book.entry(cfg.id).or_insert_with(|| local_addr.to_string());
     let opened = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || open_core(&cfg))
+        let (cfg, book) = (cfg.clone(), book.clone());
+        tokio::task::spawn_blocking(move || open_core(&cfg, &book))
             .await
             .map_err(|e| DriverError::Start(format!("opening the data dir: {e}")))??
     };
     let (core, proposer) = opened;
-    let tcfg = keel_transport::Config::new(cfg.id, cfg.cluster_id);
-    let (transport, inbox, reports) = Transport::bind(tcfg, cfg.listen)
-        .await
-        .map_err(|e| DriverError::Transport(e.to_string()))?;
-    for (&id, addr) in &cfg.peers {
+    // Addresses given at start win over the replicated book, which fills in the rest.
+    let mut dial = core.peers().clone();
+    dial.extend(book);
+    for (&id, addr) in &dial {
         if id != cfg.id {
             transport
                 .add_peer(id, addr)
                 .map_err(|e| DriverError::Transport(e.to_string()))?;
         }
     }
-    let local_addr = transport.local_addr();
     let transport = Arc::new(transport);
     let (tx, rx) = mpsc::channel(cfg.max_queued_requests + INTERNAL_HEADROOM);
     let queued = Arc::new(AtomicUsize::new(0));
+    let metrics = Arc::new(Metrics::new());
     let raft_loop = RaftLoop {
         id: cfg.id,
         proposer,
@@ -689,6 +1083,9 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
         pending: HashMap::new(),
         next_token: 0,
         queued: queued.clone(),
+        metrics: metrics.clone(),
+        transfers: Vec::new(),
+        last_leader: 0,
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -713,6 +1110,7 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
             request_timeout: cfg.request_timeout,
             max_queued_requests: cfg.max_queued_requests,
             queued,
+            metrics,
             parts: tokio::sync::Mutex::new(Some(Parts {
                 thread,
                 done: done_rx,
@@ -831,6 +1229,10 @@ impl NodeHandle {
     /// Proposes a membership change and waits until it is applied here; returns the
     /// configuration then in force. With `addr`, the transport dials `cc.node_id` there first.
     pub async fn conf_change(&self, cc: ConfChange, addr: Option<String>) -> Result<ConfState> {
+        let addr = addr
+            .map(|a| peer_addr(&a))
+            .transpose()
+            .map_err(DriverError::Invalid)?;
         let deadline = self.deadline();
         self.call(deadline, |reply| Input::ConfChange {
             cc,
@@ -841,7 +1243,7 @@ impl NodeHandle {
         .await
     }
 
-    /// Adds a voter reachable at `addr`.
+    /// Adds a voter reachable at `addr` (`host:port` or a URL like `http://host:port`).
     pub async fn add_member(&self, id: u64, addr: impl Into<String>) -> Result<ConfState> {
         let mut cc = ConfChange {
             node_id: id,
@@ -849,6 +1251,64 @@ impl NodeHandle {
         };
         cc.set_change_type(ConfChangeType::AddNode);
         self.conf_change(cc, Some(addr.into())).await
+    }
+
+    /// Adds a learner (a non-voting member that receives the log) reachable at `addr`.
+    pub async fn add_learner(&self, id: u64, addr: impl Into<String>) -> Result<ConfState> {
+        let mut cc = ConfChange {
+            node_id: id,
+            ..Default::default()
+        };
+        cc.set_change_type(ConfChangeType::AddLearnerNode);
+        self.conf_change(cc, Some(addr.into())).await
+    }
+
+    /// Makes a learner a voter.
+    pub async fn promote(&self, id: u64) -> Result<ConfState> {
+        let status = self.status().await?;
+        if !status.learners.contains(&id) {
+            return Err(if status.voters.contains(&id) {
+                DriverError::Conflict(format!("node {id} is already a voter"))
+            } else {
+                DriverError::UnknownMember(id)
+            });
+        }
+        let mut cc = ConfChange {
+            node_id: id,
+            ..Default::default()
+        };
+        cc.set_change_type(ConfChangeType::AddNode);
+        self.conf_change(cc, None).await
+    }
+
+    /// Hands leadership to `to` (0: the most caught-up other voter) and waits until it leads;
+    /// returns the new leader. `to = 0` must be asked of the leader.
+    pub async fn transfer_leader(&self, to: u64) -> Result<u64> {
+        let deadline = self.deadline();
+        self.call(deadline, |reply| Input::Transfer {
+            to,
+            deadline,
+            reply,
+        })
+        .await
+    }
+
+    /// A serializable read: the local state machine as applied here, without asking the
+    /// leader. May be stale.
+    pub async fn read_local(&self, range: RangeRequest) -> Result<RangeResponse> {
+        self.call(self.deadline(), |reply| Input::ReadLocal { range, reply })
+            .await
+    }
+
+    /// etcd's HashKV of the local state at `revision` (0: the current one).
+    pub async fn hash(&self, revision: i64) -> Result<HashInfo> {
+        self.call(self.deadline(), |reply| Input::Hash { revision, reply })
+            .await
+    }
+
+    /// The node's metrics in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.encode()
     }
 
     pub async fn remove_member(&self, id: u64) -> Result<ConfState> {

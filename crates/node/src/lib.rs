@@ -8,6 +8,8 @@
 pub mod core;
 pub mod driver;
 pub mod log_store;
+pub mod metrics;
+pub mod snapshot;
 
 pub use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, Outgoing, Token};
 pub use crate::log_store::LogStore;

@@ -1094,7 +1094,9 @@ impl Sim {
                     }
                     continue;
                 }
-                Outcome::RoleChanged { .. } | Outcome::ConfChange { .. } => continue,
+                Outcome::RoleChanged { .. }
+                | Outcome::ConfChange { .. }
+                | Outcome::Members { .. } => continue,
                 Outcome::Write { token, result } => {
                     let out = match result {
                         Ok(Response::Put(_)) => Some(Output::Put),

@@ -724,6 +724,12 @@ impl Wal {
         self.segments.len()
     }
 
+    /// Bytes of log on disk up to the write position: full earlier segments plus the used part
+    /// of the last one (preallocated zeros past the tail are not counted).
+    pub fn bytes(&self) -> u64 {
+        (self.segments.len() as u64 - 1) * self.opts.segment_size + self.tail
+    }
+
     /// Entries `[lo, hi)`, stopping once their encoded sizes pass `max_size` (the first entry is
     /// always returned). The range must lie within `first_index()..=last_index() + 1`.
     pub fn entries(&self, lo: u64, hi: u64, max_size: u64) -> Result<Vec<Entry>> {
