@@ -177,6 +177,8 @@ pub struct NodeCore<S: LogStore> {
     /// Index of the last entry applied (or covered by the snapshot restored).
     applied: u64,
     last_snapshot: u64,
+    /// Snapshots received from a leader and installed since start (not the ones taken here).
+    snapshots_installed: u64,
     /// Peer addresses of members, replicated through membership changes and snapshots.
     /// Entries may outlive their member only until the change removing it is applied.
     peers: AddressBook,
@@ -226,6 +228,7 @@ impl<S: LogStore> NodeCore<S> {
             next_ctx: 1,
             applied: index,
             last_snapshot: index,
+            snapshots_installed: 0,
             peers,
             in_flight: None,
             outcomes: Vec::new(),
@@ -253,6 +256,11 @@ impl<S: LogStore> NodeCore<S> {
     /// Index of the last snapshot this node took or installed.
     pub fn last_snapshot(&self) -> u64 {
         self.last_snapshot
+    }
+
+    /// Snapshots installed from a leader since this core was built.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed
     }
 
     /// The outstanding Ready's new log entries (empty if none is out). For observers such as
@@ -507,6 +515,7 @@ impl<S: LogStore> NodeCore<S> {
             (self.peers, self.kv) = restore(&snap.data)?;
             self.applied = index;
             self.last_snapshot = index;
+            self.snapshots_installed += 1;
             self.outcomes.push(Outcome::Members {
                 conf_state: self.raw.raft.trk.conf_state(),
                 removed: None,

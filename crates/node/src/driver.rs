@@ -690,10 +690,11 @@ impl RaftLoop {
     }
 
     fn drain_ready(&mut self) -> Result<(), NodeError> {
-        let (commit0, applied0, snap0) = (
+        let (commit0, applied0, snap0, installed0) = (
             self.core.raw().raft.raft_log.committed,
             self.core.applied(),
             self.core.last_snapshot(),
+            self.core.snapshots_installed(),
         );
         while let Some(out) = self.core.ready()? {
             self.send(out.messages);
@@ -728,7 +729,15 @@ impl RaftLoop {
             m.snapshots.inc();
             m.wal_bytes
                 .set(self.core.raw().store().wal().bytes() as i64);
-            info!(node = self.id, "snapshot at index {snap}");
+            if self.core.snapshots_installed() != installed0 {
+                m.snapshots_installed.inc();
+                info!(
+                    node = self.id,
+                    "installed snapshot at index {snap} from the leader"
+                );
+            } else {
+                info!(node = self.id, "snapshot at index {snap}");
+            }
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub peer_send_failures: Counter,
     pub peer_unreachable: Counter,
     pub snapshots: Counter,
+    pub snapshots_installed: Counter,
     pub term: Gauge,
     pub is_leader: Gauge,
     pub commit_index: Gauge,
@@ -77,6 +78,11 @@ impl Metrics {
             "Reports of a peer that could not be reached",
         );
         let snapshots = counter(&mut registry, "snapshots", "Snapshots taken or installed");
+        let snapshots_installed = counter(
+            &mut registry,
+            "snapshots_installed",
+            "Snapshots received from a leader and installed",
+        );
         let term = gauge(&mut registry, "term", "Current Raft term");
         let is_leader = gauge(&mut registry, "is_leader", "1 when this node is the leader");
         let commit_index = gauge(&mut registry, "commit_index", "Highest committed index");
@@ -98,6 +104,7 @@ impl Metrics {
             peer_send_failures,
             peer_unreachable,
             snapshots,
+            snapshots_installed,
             term,
             is_leader,
             commit_index,

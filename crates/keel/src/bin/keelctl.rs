@@ -1,0 +1,928 @@
+//! `keelctl`: the command-line client for a Keel cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use keel::client::{
+    parse_duration, Client, ClientOptions, Error, HashInfo, Member, RangeResponse, Status,
+    DEFAULT_ENDPOINT,
+};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keelctl",
+    version,
+    about = "Command-line client for a Keel cluster",
+    after_help = "Any member answers any request: writes sent to a follower are forwarded to the leader."
+)]
+struct Cli {
+    /// Client addresses of members (host:port or http://host:port), tried in order while
+    /// they cannot be connected to.
+    #[arg(
+        long,
+        global = true,
+        env = "KEELCTL_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = DEFAULT_ENDPOINT
+    )]
+    endpoints: Vec<String>,
+
+    /// Print JSON instead of human-readable text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Deadline for each request.
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// Retry transient failures (no leader, overloaded, timeout, unreachable) for up to this
+    /// long. A retried write may be applied twice.
+    #[arg(long, global = true, value_parser = parse_duration)]
+    retry_for: Option<Duration>,
+
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write a key; the value comes from the argument or, when absent, from stdin.
+    Put { key: String, value: Option<String> },
+    /// Read a key (linearizable unless --serializable).
+    Get {
+        key: String,
+        /// Every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+        /// Read the answering member's local state (may be stale).
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Delete a key.
+    Del {
+        key: String,
+        /// Every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// List or change the membership.
+    Members {
+        #[command(subcommand)]
+        cmd: Option<MembersCmd>,
+    },
+    /// Raft status of a member (of every endpoint with --all).
+    Status {
+        #[arg(long)]
+        all: bool,
+    },
+    /// The current leader.
+    Leader,
+    /// Transfer leadership (to the most caught-up voter unless --to).
+    Transfer {
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Compare the state machine hash of every endpoint at the leader's revision.
+    Check {
+        /// How long to wait for members that have not applied the leader's revision yet.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Load generator: throughput and latency of puts or gets.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MembersCmd {
+    /// List the members.
+    List,
+    /// Add a voter.
+    Add {
+        /// The new member's peer address.
+        peer_url: String,
+        /// Its id (default: the largest member id + 1).
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Add a learner (a non-voting member that receives the log).
+    AddLearner {
+        peer_url: String,
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Promote a learner to a voter.
+    Promote { id: u64 },
+    /// Remove a member.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Concurrent puts of random keys.
+    Put(BenchArgs),
+    /// Concurrent gets of random keys (written first).
+    Get(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct BenchArgs {
+    /// Concurrent clients, spread over the endpoints.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Size of the key space.
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+    /// Gets read the answering member's local state instead of going through ReadIndex.
+    #[arg(long)]
+    serializable: bool,
+}
+
+/// What a command produced: text for people, JSON for programs, and whether it succeeded.
+struct Output {
+    text: String,
+    json: serde_json::Value,
+    ok: bool,
+}
+
+impl Output {
+    fn ok(text: impl Into<String>, json: serde_json::Value) -> Output {
+        Output {
+            text: text.into(),
+            json,
+            ok: true,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = cli.json;
+    match rt.block_on(run(cli)) {
+        Ok(out) => {
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (keelctl ... | head) is not worth a panic.
+            let _ = if json {
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::to_string_pretty(&out.json).expect("values serialize")
+                )
+            } else if out.text.is_empty() {
+                Ok(())
+            } else if out.text.ends_with('\n') {
+                write!(stdout, "{}", out.text)
+            } else {
+                writeln!(stdout, "{}", out.text)
+            };
+            if out.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            if json {
+                let v = match &e {
+                    Error::Server {
+                        endpoint,
+                        status,
+                        code,
+                        message,
+                    } => {
+                        json!({"error": message, "code": code, "status": status, "endpoint": endpoint})
+                    }
+                    other => json!({"error": other.to_string()}),
+                };
+                eprintln!("{v}");
+            } else {
+                eprintln!("Error: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `op` until it succeeds, fails for good, or `retry_for` has passed.
+async fn retrying<T, F, Fut>(retry_for: Option<Duration>, mut op: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let deadline = retry_for.map(|d| Instant::now() + d);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && deadline.is_some_and(|d| Instant::now() + pause < d) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<Output, Error> {
+    let opts = ClientOptions {
+        timeout: cli.timeout,
+        ..ClientOptions::default()
+    };
+    let retry = cli.retry_for;
+    match cli.cmd {
+        Cmd::Bench { cmd } => {
+            let (op, args) = match cmd {
+                BenchCmd::Put(a) => (BenchOp::Put, a),
+                BenchCmd::Get(a) => (BenchOp::Get, a),
+            };
+            bench(&cli.endpoints, opts, op, args).await
+        }
+        cmd => {
+            let client = Client::new(&cli.endpoints, &opts)?;
+            run_cmd(&client, retry, cmd).await
+        }
+    }
+}
+
+async fn run_cmd(client: &Client, retry: Option<Duration>, cmd: Cmd) -> Result<Output, Error> {
+    match cmd {
+        Cmd::Put { key, value } => {
+            let value = match value {
+                Some(v) => v.into_bytes(),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .map_err(|e| Error::Usage(format!("reading the value from stdin: {e}")))?;
+                    buf
+                }
+            };
+            let value = bytes::Bytes::from(value);
+            let r = retrying(retry, || client.put(&key, value.clone())).await?;
+            Ok(Output::ok(
+                format!("OK (revision {})", r.revision),
+                json!({"revision": r.revision}),
+            ))
+        }
+        Cmd::Get {
+            key,
+            prefix,
+            serializable,
+        } => {
+            let r = retrying(retry, || client.get(&key, prefix, serializable)).await?;
+            Ok(Output::ok(
+                render_range(&r, prefix),
+                serde_json::to_value(&r).expect("serializes"),
+            ))
+        }
+        Cmd::Del { key, prefix } => {
+            let r = retrying(retry, || client.delete(&key, prefix)).await?;
+            Ok(Output::ok(
+                format!("deleted {} (revision {})", r.deleted, r.revision),
+                json!({"deleted": r.deleted, "revision": r.revision}),
+            ))
+        }
+        Cmd::Members { cmd } => members(client, retry, cmd.unwrap_or(MembersCmd::List)).await,
+        Cmd::Status { all: false } => {
+            let s = retrying(retry, || client.status()).await?;
+            Ok(Output::ok(
+                render_status(&s),
+                serde_json::to_value(&s).expect("serializes"),
+            ))
+        }
+        Cmd::Status { all: true } => status_all(client).await,
+        Cmd::Leader => {
+            let m = retrying(retry, || client.members()).await?;
+            if m.leader == 0 {
+                return Err(Error::Server {
+                    endpoint: String::new(),
+                    status: 503,
+                    code: Some("no_leader".into()),
+                    message: "no leader is known".into(),
+                });
+            }
+            let peer = m
+                .members
+                .iter()
+                .find(|x| x.id == m.leader)
+                .and_then(|x| x.peer_url.clone());
+            let text = match &peer {
+                Some(p) => format!("{} (peer {p})", m.leader),
+                None => m.leader.to_string(),
+            };
+            Ok(Output::ok(
+                text,
+                json!({"leader": m.leader, "peer_url": peer}),
+            ))
+        }
+        Cmd::Transfer { to } => {
+            let r = retrying(retry, || client.transfer_leader(to)).await?;
+            Ok(Output::ok(
+                format!("leader is now {}", r.leader),
+                json!({"leader": r.leader}),
+            ))
+        }
+        Cmd::Check { wait } => check(client, wait).await,
+        Cmd::Bench { .. } => unreachable!("handled by run"),
+    }
+}
+
+fn render_range(r: &RangeResponse, prefix: bool) -> String {
+    if !prefix {
+        // A single key prints its bare value, so `keelctl get k` composes in scripts.
+        return r.kvs.first().map(|kv| kv.value.clone()).unwrap_or_default();
+    }
+    let mut s = String::new();
+    for kv in &r.kvs {
+        s.push_str(&kv.key);
+        s.push('\n');
+        s.push_str(&kv.value);
+        s.push('\n');
+    }
+    s
+}
+
+fn render_members(leader: u64, members: &[Member]) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "ROLE".to_string(),
+        "PEER URL".to_string(),
+        "MATCH".to_string(),
+        "LAG".to_string(),
+    ]];
+    for m in members {
+        let role = match (m.id == leader, m.learner) {
+            (true, _) => "leader",
+            (false, true) => "learner",
+            (false, false) => "voter",
+        };
+        rows.push([
+            m.id.to_string(),
+            role.to_string(),
+            m.peer_url.clone().unwrap_or_else(|| "-".into()),
+            m.matched.to_string(),
+            m.lag.to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut s = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.push_str(line.trim_end());
+        s.push('\n');
+    }
+    s
+}
+
+async fn members(
+    client: &Client,
+    retry: Option<Duration>,
+    cmd: MembersCmd,
+) -> Result<Output, Error> {
+    let list = |members: Vec<Member>, leader: u64, extra: serde_json::Value, head: String| {
+        let mut json = json!({"members": members});
+        if leader != 0 {
+            json["leader"] = json!(leader);
+        }
+        if let (Some(obj), Some(extra)) = (json.as_object_mut(), extra.as_object()) {
+            obj.extend(extra.clone());
+        }
+        let mut text = head;
+        text.push_str(&render_members(leader, &members));
+        Output::ok(text, json)
+    };
+    match cmd {
+        MembersCmd::List => {
+            let m = retrying(retry, || client.members()).await?;
+            Ok(list(m.members, m.leader, json!({}), String::new()))
+        }
+        MembersCmd::Add { peer_url, id } | MembersCmd::AddLearner { peer_url, id }
+            if peer_url.is_empty() || id == Some(0) =>
+        {
+            Err(Error::Usage(
+                "the peer URL must not be empty and the id must be non-zero".into(),
+            ))
+        }
+        MembersCmd::Add { peer_url, id } => {
+            let r = retrying(retry, || client.add_member(&peer_url, false, id)).await?;
+            Ok(list(
+                r.members,
+                0,
+                json!({"id": r.id}),
+                format!("added voter {} ({peer_url})\n", r.id),
+            ))
+        }
+        MembersCmd::AddLearner { peer_url, id } => {
+            let r = retrying(retry, || client.add_member(&peer_url, true, id)).await?;
+            Ok(list(
+                r.members,
+                0,
+                json!({"id": r.id}),
+                format!("added learner {} ({peer_url})\n", r.id),
+            ))
+        }
+        MembersCmd::Promote { id } => {
+            let r = retrying(retry, || client.promote(id)).await?;
+            Ok(list(
+                r.members,
+                0,
+                json!({}),
+                format!("promoted {id} to voter\n"),
+            ))
+        }
+        MembersCmd::Remove { id } => {
+            let r = retrying(retry, || client.remove_member(id)).await?;
+            Ok(list(r.members, 0, json!({}), format!("removed {id}\n")))
+        }
+    }
+}
+
+fn render_status(s: &Status) -> String {
+    let members = s
+        .members
+        .iter()
+        .map(|m| {
+            if m.learner {
+                format!("{} (learner)", m.id)
+            } else {
+                m.id.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut rows = vec![["id".to_string(), s.id.to_string()]];
+    if let Some(n) = &s.name {
+        rows.push(["name".into(), n.clone()]);
+    }
+    rows.extend([
+        ["role".into(), s.role.clone()],
+        ["term".into(), s.term.to_string()],
+        [
+            "leader".into(),
+            if s.leader == 0 {
+                "none".into()
+            } else {
+                s.leader.to_string()
+            },
+        ],
+        ["commit".into(), s.commit.to_string()],
+        ["applied".into(), s.applied.to_string()],
+        ["last index".into(), s.last_index.to_string()],
+        ["snapshot index".into(), s.snapshot_index.to_string()],
+        ["wal bytes".into(), s.wal_bytes.to_string()],
+        ["members".into(), members],
+    ]);
+    let rows: Vec<[String; 2]> = rows
+        .into_iter()
+        .map(|[k, v]| [format!("{k}:"), v])
+        .collect();
+    table(&rows)
+}
+
+async fn status_all(client: &Client) -> Result<Output, Error> {
+    let mut tasks = Vec::new();
+    for e in client.endpoints() {
+        let c = client.with_endpoint(e)?;
+        tasks.push((e.clone(), tokio::spawn(async move { c.status().await })));
+    }
+    let mut rows = vec![[
+        "ENDPOINT",
+        "ID",
+        "ROLE",
+        "TERM",
+        "LEADER",
+        "COMMIT",
+        "APPLIED",
+        "SNAPSHOT",
+        "WAL BYTES",
+    ]
+    .map(String::from)];
+    let mut json = Vec::new();
+    let mut ok = true;
+    let mut errors = String::new();
+    for (e, t) in tasks {
+        match t.await.expect("status task panicked") {
+            Ok(s) => {
+                rows.push([
+                    e.clone(),
+                    s.id.to_string(),
+                    s.role.clone(),
+                    s.term.to_string(),
+                    s.leader.to_string(),
+                    s.commit.to_string(),
+                    s.applied.to_string(),
+                    s.snapshot_index.to_string(),
+                    s.wal_bytes.to_string(),
+                ]);
+                json.push(json!({"endpoint": e, "status": s}));
+            }
+            Err(err) => {
+                ok = false;
+                errors.push_str(&format!("{e}: {err}\n"));
+                json.push(json!({"endpoint": e, "error": err.to_string()}));
+            }
+        }
+    }
+    let mut text = table(&rows);
+    text.push_str(&errors);
+    Ok(Output {
+        text,
+        json: serde_json::Value::Array(json),
+        ok,
+    })
+}
+
+/// What `check` learnt about one endpoint.
+struct Checked {
+    endpoint: String,
+    result: Result<HashInfo, Error>,
+}
+
+async fn check(client: &Client, wait: Duration) -> Result<Output, Error> {
+    let deadline = Instant::now() + wait;
+    // Who answers at each endpoint, and who they think leads.
+    let mut statuses = Vec::new();
+    for e in client.endpoints() {
+        let c = client.with_endpoint(e)?;
+        statuses.push((e.clone(), c.status().await));
+    }
+    let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+    for (_, s) in &statuses {
+        if let Ok(s) = s {
+            if s.leader != 0 {
+                *votes.entry(s.leader).or_default() += 1;
+            }
+        }
+    }
+    let leader = votes
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(id, _)| *id)
+        .unwrap_or(0);
+    let leader_endpoint = statuses
+        .iter()
+        .find(|(_, s)| s.as_ref().is_ok_and(|s| s.id == leader))
+        .map(|(e, _)| e.clone());
+
+    // The revision every member must reach: the leader's. If the leader is not among the
+    // endpoints, the largest revision any endpoint has is the best available stand-in.
+    let revision = match &leader_endpoint {
+        Some(e) => client.with_endpoint(e)?.hash(None).await?.revision,
+        None => {
+            let mut best = None;
+            for (e, s) in &statuses {
+                if s.is_ok() {
+                    if let Ok(h) = client.with_endpoint(e)?.hash(None).await {
+                        best = best.max(Some(h.revision));
+                    }
+                }
+            }
+            best.ok_or_else(|| Error::Unreachable {
+                endpoints: client.endpoints().join(","),
+                last: "no endpoint answered /v1/hash".into(),
+            })?
+        }
+    };
+
+    let mut tasks = Vec::new();
+    let mut seen_ids = BTreeSet::new();
+    for (e, s) in statuses {
+        if let Ok(st) = &s {
+            // The same member listed twice is checked once.
+            if !seen_ids.insert(st.id) {
+                continue;
+            }
+        }
+        let c = client.with_endpoint(&e)?;
+        tasks.push(tokio::spawn(async move {
+            let result = hash_at(&c, revision, deadline).await;
+            Checked {
+                endpoint: e,
+                result,
+            }
+        }));
+    }
+    let mut checked = Vec::new();
+    for t in tasks {
+        checked.push(t.await.expect("check task panicked"));
+    }
+
+    // Members the endpoints do not cover cannot be checked from here: say so.
+    let member_ids: BTreeSet<u64> = match client.members().await {
+        Ok(m) => m.members.iter().map(|m| m.id).collect(),
+        Err(_) => BTreeSet::new(),
+    };
+    let unchecked: Vec<u64> = member_ids.difference(&seen_ids).copied().collect();
+
+    let hashes: BTreeSet<u32> = checked
+        .iter()
+        .filter_map(|c| c.result.as_ref().ok().map(|h| h.hash))
+        .collect();
+    let failed = checked.iter().filter(|c| c.result.is_err()).count();
+    let agree = hashes.len() == 1 && failed == 0;
+
+    let mut text = String::new();
+    let mut rows = vec![["ENDPOINT", "ID", "REVISION", "COMPACTED", "HASH"].map(String::from)];
+    let mut errors = String::new();
+    let mut members_json = Vec::new();
+    for c in &checked {
+        match &c.result {
+            Ok(h) => {
+                rows.push([
+                    c.endpoint.clone(),
+                    h.id.to_string(),
+                    h.revision.to_string(),
+                    h.compact_revision.to_string(),
+                    format!("{:08x}", h.hash),
+                ]);
+                members_json.push(
+                    json!({"endpoint": c.endpoint, "id": h.id, "revision": h.revision,
+                    "compact_revision": h.compact_revision, "hash": h.hash}),
+                );
+            }
+            Err(e) => {
+                errors.push_str(&format!("{}: {e}\n", c.endpoint));
+                members_json.push(json!({"endpoint": c.endpoint, "error": e.to_string()}));
+            }
+        }
+    }
+    text.push_str(&table(&rows));
+    text.push_str(&errors);
+    if !unchecked.is_empty() {
+        text.push_str(&format!(
+            "not checked (no endpoint given): {}\n",
+            unchecked
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let verdict = if agree {
+        format!("OK: {} members agree at revision {revision}", checked.len())
+    } else if hashes.len() > 1 {
+        format!("MISMATCH at revision {revision}")
+    } else {
+        format!("INCOMPLETE: {failed} member(s) could not be checked at revision {revision}")
+    };
+    text.push_str(&verdict);
+    Ok(Output {
+        text,
+        json: json!({"ok": agree, "revision": revision, "leader": leader, "members": members_json,
+            "unchecked": unchecked}),
+        ok: agree,
+    })
+}
+
+/// The member's hash at `revision`, retried until `deadline` while the member has not applied
+/// that revision yet (it answers an error, or a hash at an earlier revision).
+async fn hash_at(c: &Client, revision: i64, deadline: Instant) -> Result<HashInfo, Error> {
+    loop {
+        let r = c.hash(Some(revision)).await;
+        let done = match &r {
+            Ok(h) => h.revision >= revision,
+            Err(Error::Usage(_)) => true,
+            Err(_) => false,
+        };
+        if done || Instant::now() >= deadline {
+            return match r {
+                Ok(h) if h.revision != revision => Err(Error::Decode {
+                    endpoint: c.endpoints()[0].clone(),
+                    message: format!("asked for revision {revision}, got {}", h.revision),
+                }),
+                r => r,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BenchOp {
+    Put,
+    Get,
+}
+
+impl BenchOp {
+    fn name(self) -> &'static str {
+        match self {
+            BenchOp::Put => "put",
+            BenchOp::Get => "get",
+        }
+    }
+}
+
+/// One bench client's results.
+#[derive(Default)]
+struct ClientRun {
+    /// Microseconds per successful request.
+    latencies: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// xorshift64*: key choice needs speed and spread, not quality.
+fn next_rand(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+fn bench_key(i: u64) -> String {
+    format!("bench/{i:08}")
+}
+
+async fn bench(
+    endpoints: &[String],
+    mut opts: ClientOptions,
+    op: BenchOp,
+    args: BenchArgs,
+) -> Result<Output, Error> {
+    if args.clients == 0 || args.keys == 0 || args.duration.is_zero() {
+        return Err(Error::Usage(
+            "--clients, --keys and --duration must be positive".into(),
+        ));
+    }
+    opts.pool_max_idle_per_host = args.clients;
+    let base = Client::new(endpoints, &opts)?;
+    let per_endpoint: Vec<Arc<Client>> = base
+        .endpoints()
+        .iter()
+        .map(|e| base.with_endpoint(e).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    // Printable values: the JSON API carries values as strings.
+    let value = bytes::Bytes::from(
+        (0..args.value_size)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    );
+
+    if op == BenchOp::Get {
+        // Every key a get may pick exists, so gets measure reads and not 404s.
+        let fill = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for w in 0..args.clients.clamp(1, 64) {
+            let c = per_endpoint[w % per_endpoint.len()].clone();
+            let fill = fill.clone();
+            let value = value.clone();
+            let keys = args.keys;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = fill.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= keys {
+                        return Ok(());
+                    }
+                    let key = bench_key(i);
+                    retrying(Some(Duration::from_secs(10)), || c.put(&key, value.clone())).await?;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("fill task panicked")?;
+        }
+    }
+
+    let start = Instant::now();
+    let deadline = start + args.duration;
+    let mut tasks = Vec::new();
+    for n in 0..args.clients {
+        let c = per_endpoint[n % per_endpoint.len()].clone();
+        let value = value.clone();
+        let args = args.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut run = ClientRun::default();
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ ((n as u64 + 1) << 17);
+            while Instant::now() < deadline {
+                let key = bench_key(next_rand(&mut rng) % args.keys);
+                let t0 = Instant::now();
+                let r = match op {
+                    BenchOp::Put => c.put(&key, value.clone()).await.map(|_| ()),
+                    BenchOp::Get => c.get(&key, false, args.serializable).await.map(|_| ()),
+                };
+                let us = t0.elapsed().as_micros() as u64;
+                match r {
+                    Ok(()) => run.latencies.push(us),
+                    Err(e) => {
+                        run.errors += 1;
+                        if run.first_error.is_none() {
+                            run.first_error = Some(e.to_string());
+                        }
+                        // A failing cluster answers instantly; without a pause the loop
+                        // would only measure how fast errors come back.
+                        if e.is_transient() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            }
+            run
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    for t in tasks {
+        let r = t.await.expect("bench client panicked");
+        lat.extend(r.latencies);
+        errors += r.errors;
+        if first_error.is_none() {
+            first_error = r.first_error;
+        }
+    }
+    let elapsed = start.elapsed();
+    lat.sort_unstable();
+    let ok_ops = lat.len() as u64;
+    let throughput = ok_ops as f64 / elapsed.as_secs_f64();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        // Nearest-rank percentile.
+        let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
+        lat[rank.clamp(1, lat.len()) - 1] as f64 / 1000.0
+    };
+    let (p50, p90, p99) = (pct(50.0), pct(90.0), pct(99.0));
+    let max = lat.last().copied().unwrap_or(0) as f64 / 1000.0;
+    let mut text = format!(
+        "bench {}: {} clients, {}-byte values, {} keys, {} endpoint(s), {:.1}s{}\n",
+        op.name(),
+        args.clients,
+        args.value_size,
+        args.keys,
+        per_endpoint.len(),
+        elapsed.as_secs_f64(),
+        if op == BenchOp::Get && args.serializable {
+            ", serializable"
+        } else {
+            ""
+        }
+    );
+    text.push_str(&format!("  requests:   {ok_ops} ok, {errors} failed\n"));
+    text.push_str(&format!("  throughput: {throughput:.1} ops/s\n"));
+    text.push_str(&format!(
+        "  latency:    p50 {p50:.3} ms  p90 {p90:.3} ms  p99 {p99:.3} ms  max {max:.3} ms"
+    ));
+    if let Some(e) = &first_error {
+        text.push_str(&format!("\n  first error: {e}"));
+    }
+    Ok(Output {
+        text,
+        json: json!({
+            "op": op.name(),
+            "clients": args.clients,
+            "value_size": args.value_size,
+            "keys": args.keys,
+            "endpoints": per_endpoint.len(),
+            "serializable": op == BenchOp::Get && args.serializable,
+            "duration_s": elapsed.as_secs_f64(),
+            "ok": ok_ops,
+            "errors": errors,
+            "first_error": first_error,
+            "throughput_ops_s": throughput,
+            "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max},
+        }),
+        ok: ok_ops > 0,
+    })
+}
