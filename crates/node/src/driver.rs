@@ -341,6 +341,10 @@ struct RaftLoop {
     transfers: Vec<(u64, Instant, Reply<u64>)>,
     /// The leader last seen, to count leader changes.
     last_leader: u64,
+    /// The commit index the `committed` counter has counted up to. Commit advances while
+    /// inputs are stepped as well as during a Ready, so the counter follows this rather than
+    /// the difference across one Ready.
+    counted_commit: u64,
 }
 
 fn refusal(e: NodeError) -> DriverError {
@@ -690,8 +694,7 @@ impl RaftLoop {
     }
 
     fn drain_ready(&mut self) -> Result<(), NodeError> {
-        let (commit0, applied0, snap0, installed0) = (
-            self.core.raw().raft.raft_log.committed,
+        let (applied0, snap0, installed0) = (
             self.core.applied(),
             self.core.last_snapshot(),
             self.core.snapshots_installed(),
@@ -717,7 +720,8 @@ impl RaftLoop {
         let raft = &self.core.raw().raft;
         let m = &self.metrics;
         m.committed
-            .inc_by(raft.raft_log.committed.saturating_sub(commit0));
+            .inc_by(raft.raft_log.committed.saturating_sub(self.counted_commit));
+        self.counted_commit = self.counted_commit.max(raft.raft_log.committed);
         m.applied
             .inc_by(self.core.applied().saturating_sub(applied0));
         m.term.set(raft.term as i64);
@@ -1084,6 +1088,8 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
     let (tx, rx) = mpsc::channel(cfg.max_queued_requests + INTERNAL_HEADROOM);
     let queued = Arc::new(AtomicUsize::new(0));
     let metrics = Arc::new(Metrics::new());
+    // Entries committed before this start were counted by an earlier process.
+    let counted_commit = core.raw().raft.raft_log.committed;
     let raft_loop = RaftLoop {
         id: cfg.id,
         proposer,
@@ -1095,6 +1101,7 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
         metrics: metrics.clone(),
         transfers: Vec::new(),
         last_leader: 0,
+        counted_commit,
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()

@@ -338,7 +338,10 @@ async fn run_cmd(client: &Client, retry: Option<Duration>, cmd: Cmd) -> Result<O
             ))
         }
         Cmd::Transfer { to } => {
-            let r = retrying(retry, || client.transfer_leader(to)).await?;
+            // Only the leader can hand its role over; the endpoint that answers first may be a
+            // follower, so send the request to whichever endpoint is the leader.
+            let leader = leader_endpoint(client).await?;
+            let r = retrying(retry, || leader.transfer_leader(to)).await?;
             Ok(Output::ok(
                 format!("leader is now {}", r.leader),
                 json!({"leader": r.leader}),
@@ -347,6 +350,24 @@ async fn run_cmd(client: &Client, retry: Option<Duration>, cmd: Cmd) -> Result<O
         Cmd::Check { wait } => check(client, wait).await,
         Cmd::Bench { .. } => unreachable!("handled by run"),
     }
+}
+
+/// A client for the endpoint that is the leader, found by asking each endpoint who it is.
+async fn leader_endpoint(client: &Client) -> Result<Client, Error> {
+    let mut leader = 0;
+    for e in client.endpoints() {
+        let c = client.with_endpoint(e)?;
+        let Ok(st) = c.status().await else { continue };
+        if st.leader != 0 && st.id == st.leader {
+            return Ok(c);
+        }
+        leader = leader.max(st.leader);
+    }
+    Err(Error::Usage(if leader == 0 {
+        "no endpoint knows a leader; retry once one is elected".to_string()
+    } else {
+        format!("the leader (node {leader}) is not among --endpoints; add its client address")
+    }))
 }
 
 fn render_range(r: &RangeResponse, prefix: bool) -> String {
