@@ -11,6 +11,7 @@
 //! endpoints, errors and limits.
 
 mod error;
+pub mod grpc;
 mod input;
 mod members;
 mod metrics;
@@ -64,6 +65,11 @@ pub struct ApiConfig {
     /// Key and value bytes one range answer holds (16 MiB), for the same reason: 1000 keys of
     /// 1.5 MiB values would otherwise be a 1.5 GiB answer.
     pub max_range_bytes: usize,
+    /// Operations one etcd txn may hold (etcd's `--max-txn-ops`, 128): a txn is applied in one
+    /// Raft entry, which every member holds in memory until compaction.
+    pub max_txn_ops: usize,
+    /// This node's client URL as clients reach it, reported in its etcd `Member.clientURLs`.
+    pub client_url: String,
 }
 
 impl ApiConfig {
@@ -76,6 +82,8 @@ impl ApiConfig {
             max_connections: 512,
             max_range_keys: 1000,
             max_range_bytes: 16 << 20,
+            max_txn_ops: keel_kv::DEFAULT_MAX_TXN_OPS,
+            client_url: String::new(),
         }
     }
 }
@@ -97,8 +105,10 @@ pub(crate) type App = Arc<Inner>;
 #[derive(Clone, Copy)]
 pub(crate) struct LeaderHint(pub u64);
 
-/// The API's routes over `node`. Serve it with [`serve`] (which also bounds connections).
+/// The API's routes over `node`: etcd's gRPC services on their `/etcdserverpb.*` paths, the
+/// HTTP API on every other. Serve it with [`serve`] (which also bounds connections).
 pub fn router(node: NodeHandle, cfg: ApiConfig) -> Router {
+    let client_url = cfg.client_url.clone();
     let app: App = Arc::new(Inner {
         slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests.max(1))),
         node,
@@ -106,6 +116,10 @@ pub fn router(node: NodeHandle, cfg: ApiConfig) -> Router {
         metrics: metrics::HttpMetrics::new(),
         last_leader: AtomicU64::new(0),
     });
+    grpc::routes(app.clone(), client_url).fallback_service(http_router(app))
+}
+
+fn http_router(app: App) -> Router {
     Router::new()
         .route("/health", get(v1::health))
         .route("/metrics", get(v1::metrics))

@@ -26,6 +26,11 @@ pub async fn keys_and_members(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    if crate::grpc::is_grpc(&headers) {
+        // A gRPC service or method Keel does not serve (yet): answer as gRPC, not as a key.
+        let st = tonic::Status::unimplemented(format!("unknown gRPC method {}", uri.path()));
+        return Ok(st.into_http());
+    }
     let rest = uri.path().strip_prefix('/').unwrap_or(uri.path());
     match method {
         Method::GET | Method::HEAD => get_key(&app, rest, &uri).await,

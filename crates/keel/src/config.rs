@@ -110,6 +110,15 @@ pub struct ServeArgs {
     /// Largest client request (key plus value for a write), in bytes.
     #[arg(long)]
     pub max_request_bytes: Option<usize>,
+
+    /// Most operations in one etcd txn (etcd's --max-txn-ops).
+    #[arg(long)]
+    pub max_txn_ops: Option<usize>,
+
+    /// Where clients connect, as etcd names it (http://host:port); the HTTP API and etcd's
+    /// gRPC API share it. Overrides --host and --port.
+    #[arg(long, value_name = "URL")]
+    pub listen_client_urls: Option<String>,
 }
 
 /// A node reference in the file: a number, or a name whose trailing digits are the id.
@@ -155,6 +164,8 @@ pub struct FileConfig {
     pub snapshot_count: Option<u64>,
     #[serde(default)]
     pub max_request_bytes: Option<usize>,
+    #[serde(default)]
+    pub max_txn_ops: Option<usize>,
 }
 
 /// Reads a config file, JSON or TOML by its extension. Errors name the file and the field.
@@ -225,6 +236,7 @@ pub struct Plan {
     pub heartbeat_ticks: usize,
     pub snapshot_count: u64,
     pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
 }
 
 /// The client port of a node given no --port.
@@ -288,6 +300,21 @@ pub fn listen_addr(addr: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("{addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr}: resolves to no address"))
+}
+
+fn client_listen(
+    host: &str,
+    port: Option<u16>,
+    file: Option<SocketAddr>,
+) -> Result<SocketAddr, String> {
+    match (port, file) {
+        (Some(p), _) => {
+            listen_addr(&format!("{host}:{p}")).map_err(|e| format!("--host/--port: {e}"))
+        }
+        (None, Some(a)) => Ok(a),
+        (None, None) => listen_addr(&format!("{host}:{DEFAULT_CLIENT_PORT}"))
+            .map_err(|e| format!("--host: {e}")),
+    }
 }
 
 /// Resolves flags and an optional file into a plan, or says which flag or field is wrong.
@@ -423,13 +450,16 @@ pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, Stri
     };
     check_name(&name)?;
 
-    let client_addr = match (args.port, client_from_file) {
-        (Some(p), _) => {
-            listen_addr(&format!("{}:{p}", args.host)).map_err(|e| format!("--host/--port: {e}"))?
+    let client_addr = match (&args.listen_client_urls, args.port, client_from_file) {
+        (Some(url), _, _) => {
+            if url.contains(',') {
+                return Err("--listen-client-urls: Keel listens on one client URL".into());
+            }
+            peer_addr(url)
+                .and_then(|a| listen_addr(&a))
+                .map_err(|e| format!("--listen-client-urls: {e}"))?
         }
-        (None, Some(a)) => a,
-        (None, None) => listen_addr(&format!("{}:{DEFAULT_CLIENT_PORT}", args.host))
-            .map_err(|e| format!("--host: {e}"))?,
+        (None, port, file) => client_listen(&args.host, port, file)?,
     };
 
     let pick = |flag: Option<u64>, f: Option<u64>, default: u64| flag.or(f).unwrap_or(default);
@@ -472,6 +502,17 @@ pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, Stri
             8 << 20
         ));
     }
+    let max_txn_ops = args
+        .max_txn_ops
+        .or(file.and_then(|f| f.max_txn_ops))
+        .unwrap_or(keel_kv::DEFAULT_MAX_TXN_OPS);
+    // etcd's own floor: a txn must be able to hold at least a few operations, and a ceiling
+    // keeps one txn's apply (a single Raft entry) short.
+    if !(1..=1_000_000).contains(&max_txn_ops) {
+        return Err(format!(
+            "--max-txn-ops {max_txn_ops}: must be in 1..=1000000"
+        ));
+    }
     let cluster_token = args
         .cluster_token
         .clone()
@@ -509,6 +550,7 @@ pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, Stri
         heartbeat_ticks,
         snapshot_count,
         max_request_bytes,
+        max_txn_ops,
     })
 }
 

@@ -118,6 +118,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         .with_context(|| format!("node {} could not start", ident.id))?;
     let mut api = ApiConfig::new(plan.name.clone(), ident.cluster_id);
     api.max_request_bytes = plan.max_request_bytes;
+    api.max_txn_ops = plan.max_txn_ops;
+    api.client_url = format!("http://{}", plan.client_addr);
     info!(
         node = ident.id,
         "serving clients on http://{}, peers on {}",

@@ -901,6 +901,23 @@ fn next_boot(dir: &Path) -> std::io::Result<u64> {
     Ok(boot)
 }
 
+/// The seed of this process's randomized election timeouts. The core's default (the node id)
+/// keeps simulations reproducible, but in production it would give every run of a cluster the
+/// same timeout sequence, so that the same node wins every first election and split votes
+/// repeat; the clock and the process id make each start draw its own.
+fn election_seed(id: u64, boot: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ id.rotate_left(17) ^ boot;
+    // splitmix64's finalizer: nearby inputs (two nodes started in the same microsecond) give
+    // unrelated seeds.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// `host:port` from a peer URL as raftexample writes them (`http://127.0.0.1:12379`) or a
 /// bare address. The transport speaks its own protocol whatever the scheme says.
 pub fn peer_addr(url: &str) -> Result<String, String> {
@@ -975,6 +992,7 @@ fn open_core(cfg: &DriverConfig, book: &AddressBook) -> Result<(NodeCore<WalStor
             .map_err(|e| storage(e.to_string()))?;
     }
     let mut nc = NodeConfig::new(cfg.id, proposer);
+    nc.raft.seed = election_seed(cfg.id, boot);
     nc.raft.election_tick = cfg.election_tick;
     nc.raft.heartbeat_tick = cfg.heartbeat_tick;
     nc.snapshot_count = cfg.snapshot_count;
@@ -1320,6 +1338,12 @@ impl NodeHandle {
     pub async fn hash(&self, revision: i64) -> Result<HashInfo> {
         self.call(self.deadline(), |reply| Input::Hash { revision, reply })
             .await
+    }
+
+    /// The Raft term the Raft thread last published. Cheap (no round trip to that thread), for
+    /// response headers that carry the term on every answer; may lag by one Ready.
+    pub fn term(&self) -> u64 {
+        self.shared.metrics.term.get().max(0) as u64
     }
 
     /// The node's metrics in Prometheus text format.
