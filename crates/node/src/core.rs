@@ -161,8 +161,13 @@ pub struct NodeCore<S: LogStore> {
     kv: Store,
     cfg: NodeConfig,
     next_seq: u64,
-    /// Sequence number -> waiting write. Invariant: `len() <= cfg.max_pending_writes`.
-    writes: HashMap<u64, Token>,
+    /// Sequence number -> waiting write and its encoded command, kept to propose again when the
+    /// leader changes (a proposal forwarded to a leader that died is lost; the dedup table
+    /// applies a write proposed twice once). Invariant: `len() <= cfg.max_pending_writes`; the
+    /// commands are the same buffers the log holds, alive only until answered or cancelled.
+    writes: HashMap<u64, (Token, Bytes)>,
+    /// The leader of the last Ready's soft state (0: none known).
+    leader: u64,
     /// Sequence number -> waiting membership change.
     confs: HashMap<u64, Token>,
     /// Reads not yet sent for a read index; one read index serves the whole batch.
@@ -220,6 +225,7 @@ impl<S: LogStore> NodeCore<S> {
             cfg,
             next_seq: 1,
             writes: HashMap::new(),
+            leader: 0,
             confs: HashMap::new(),
             read_queue: Vec::new(),
             reads_in_flight: HashMap::new(),
@@ -319,9 +325,10 @@ impl<S: LogStore> NodeCore<S> {
             proposer: self.cfg.proposer,
             seq,
         };
-        self.raw.propose(Command::with_id(id, op).encode())?;
+        let data = Command::with_id(id, op).encode();
+        self.raw.propose(data.clone())?;
         self.next_seq += 1;
-        self.writes.insert(seq, token);
+        self.writes.insert(seq, (token, data));
         Ok(())
     }
 
@@ -372,7 +379,7 @@ impl<S: LogStore> NodeCore<S> {
     /// Forgets a request whose caller gave up (timed out). A write may still be applied later;
     /// its answer is then dropped.
     pub fn cancel(&mut self, token: Token) {
-        self.writes.retain(|_, t| *t != token);
+        self.writes.retain(|_, (t, _)| *t != token);
         self.confs.retain(|_, t| *t != token);
         let before = self.queued_reads();
         self.read_queue.retain(|(t, _)| *t != token);
@@ -424,6 +431,22 @@ impl<S: LogStore> NodeCore<S> {
         }
     }
 
+    /// Proposes every waiting write again, to a leader that took over. Writes forwarded to the
+    /// old leader may have died with it and would otherwise wait out their deadline; the ones
+    /// that did reach the log apply once, because the state machine drops a repeated request id.
+    /// In sequence order, so writes from this node keep the order they were proposed in.
+    fn repropose(&mut self) {
+        if self.writes.is_empty() {
+            return;
+        }
+        let mut seqs: Vec<u64> = self.writes.keys().copied().collect();
+        seqs.sort_unstable();
+        let batch: Vec<Bytes> = seqs.iter().map(|s| self.writes[s].1.clone()).collect();
+        // A refusal (a transfer under way, the uncommitted-size limit) leaves the writes
+        // waiting as before: the original proposals may still commit, or the deadline ends them.
+        let _ = self.raw.propose_batch(batch);
+    }
+
     /// Takes the next Ready, if the previous one is finished and there is work. Entries and hard
     /// state are written (not yet synced) before the messages are handed out.
     pub fn ready(&mut self) -> Result<Option<Outgoing>, NodeError> {
@@ -447,6 +470,10 @@ impl<S: LogStore> NodeCore<S> {
             for b in lost {
                 self.drop_reads(b);
             }
+            if ss.leader_id != 0 && ss.leader_id != self.leader {
+                self.repropose();
+            }
+            self.leader = ss.leader_id;
         }
         let written = rd.snapshot.is_none() && (!rd.entries.is_empty() || rd.hard_state.is_some());
         if written {
@@ -558,7 +585,7 @@ impl<S: LogStore> NodeCore<S> {
                 let applied = self.kv.apply(e.index, &cmd);
                 if let Some(id) = cmd.request_id {
                     if id.proposer == self.cfg.proposer {
-                        if let Some(token) = self.writes.remove(&id.seq) {
+                        if let Some((token, _)) = self.writes.remove(&id.seq) {
                             self.outcomes.push(Outcome::Write {
                                 token,
                                 result: applied.result,

@@ -195,6 +195,57 @@ fn a_duplicated_forwarded_proposal_applies_once() {
 }
 
 #[test]
+fn a_forwarded_proposal_lost_with_its_leader_is_proposed_to_the_next_one() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    let before = c.nodes[&2].kv().revision();
+    c.node(2).propose(5, put("k", "v")).unwrap();
+    // The forward to leader 1 is lost (it crashed before reading it); node 3 takes over.
+    while c.node(2).ready().unwrap().is_some() {
+        c.node(2).persist().unwrap();
+        c.node(2).apply().unwrap();
+    }
+    c.take(2);
+    c.nodes.remove(&1);
+    // Node 2 and 3 must stop hearing from the dead leader (CheckQuorum) before either wins.
+    for _ in 0..100 {
+        for id in [2, 3] {
+            c.node(id).tick();
+        }
+        c.stabilize();
+        if c.nodes
+            .values()
+            .any(|n| n.raw().raft.role == StateRole::Leader)
+        {
+            break;
+        }
+    }
+    assert!(c
+        .nodes
+        .values()
+        .any(|n| n.raw().raft.role == StateRole::Leader));
+    c.stabilize();
+    let w = c.take(2);
+    assert!(
+        matches!(
+            &w[..],
+            [Outcome::Write {
+                token: 5,
+                result: Ok(Response::Put(_))
+            }]
+        ),
+        "the write completes without the client retrying: {w:?}"
+    );
+    for id in [2, 3] {
+        assert_eq!(
+            c.nodes[&id].kv().revision(),
+            before + 1,
+            "applied once on {id}"
+        );
+    }
+}
+
+#[test]
 fn proposals_beyond_the_pending_limit_are_refused() {
     let mut c = Cluster::new(1);
     c.elect(1);
