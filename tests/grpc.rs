@@ -304,6 +304,34 @@ fn cluster_and_maintenance_over_grpc() {
         );
         let e = cl
             .member_add(pb::MemberAddRequest {
+                peer_ur_ls: vec![new_url.clone()],
+                is_learner: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                Code::FailedPrecondition,
+                "etcdserver: Peer URLs already exists"
+            )
+        );
+        let e = cl
+            .member_add(pb::MemberAddRequest {
+                peer_ur_ls: vec![format!("http://127.0.0.1:{}", new_peer[1])],
+                is_learner: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                Code::FailedPrecondition,
+                "etcdserver: too many learner members in cluster"
+            )
+        );
+        let e = cl
+            .member_add(pb::MemberAddRequest {
                 peer_ur_ls: vec!["not a url".into()],
                 is_learner: false,
             })
@@ -403,6 +431,17 @@ fn cluster_and_maintenance_over_grpc() {
         assert_eq!(
             (e.code(), e.message()),
             (Code::FailedPrecondition, "etcdserver: not leader")
+        );
+        let e = mt
+            .move_leader(pb::MoveLeaderRequest { target_id: 99 })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                Code::FailedPrecondition,
+                "etcdserver: bad leader transferee"
+            )
         );
         mt.move_leader(pb::MoveLeaderRequest { target_id: added })
             .await

@@ -111,6 +111,15 @@ pub async fn add(
         )));
     }
     if learner {
+        if let Some(l) = st.members.iter().find(|m| m.learner) {
+            // etcd's default (--max-learners 1): a learner is a member on its way in; two at
+            // once would mean two voters' worth of catch-up traffic on the leader.
+            // The message is etcd's, which clients match on; the learner's id is in the log.
+            tracing::debug!("refusing a second learner; member {} is one", l.id);
+            return Err(ApiError::conflict(
+                "etcdserver: too many learner members in cluster",
+            ));
+        }
         app.node.add_learner(id, addr).await?;
     } else {
         app.node.add_member(id, addr).await?;
@@ -131,5 +140,30 @@ pub async fn remove(app: &Inner, id: u64) -> ApiResult<()> {
         )));
     }
     app.node.remove_member(id).await?;
+    Ok(())
+}
+
+/// A learner may become a voter only once it holds most of the log: a voter that is far behind
+/// (or was never started) counts toward the quorum without being able to acknowledge, which
+/// can stall every write. etcd's rule: the learner's match index is at least 90% of the
+/// leader's. Only the leader tracks match indexes; elsewhere the check cannot be made here and
+/// is left to the caller to make on the leader.
+pub fn check_learner_ready(st: &Status, id: u64) -> ApiResult<()> {
+    if st.role != StateRole::Leader {
+        return Ok(());
+    }
+    let Some(m) = find(st, id) else {
+        return Err(ApiError::unknown_member(id));
+    };
+    let leader_match = st.last_index;
+    if (m.matched as f64) < (leader_match as f64) * 0.9 {
+        tracing::debug!(
+            "learner {id} not promoted: {} of {leader_match} entries",
+            m.matched
+        );
+        return Err(ApiError::conflict(
+            "etcdserver: can only promote a learner member which is in sync with leader",
+        ));
+    }
     Ok(())
 }

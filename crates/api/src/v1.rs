@@ -301,6 +301,7 @@ pub async fn promote(
         }
         Some(_) => {}
     }
+    crate::members::check_learner_ready(&st, id)?;
     app.node.promote(id).await?;
     let st = app.node.status().await?;
     Ok(with_leader(

@@ -180,12 +180,12 @@ pub fn txn_in(t: pb::TxnRequest) -> Result<kv::TxnRequest, Status> {
     txn_in_at(t, 1)
 }
 
-/// Nested responses carry a header with the txn's revision, like the top-level one.
+/// Nested responses carry a header with only the txn's revision, as etcd's do.
 pub fn txn_out(t: kv::TxnResponse, header: Option<pb::ResponseHeader>) -> pb::TxnResponse {
     use pb::response_op::Response as R;
-    let inner = header.map(|h| pb::ResponseHeader {
+    let inner = Some(pb::ResponseHeader {
         revision: t.revision,
-        ..h
+        ..Default::default()
     });
     pb::TxnResponse {
         header,

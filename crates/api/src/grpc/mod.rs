@@ -133,6 +133,10 @@ fn status_of_api(e: ApiError) -> Status {
         code::INVALID_PEER_URL | code::INVALID_NODE_ID | code::BAD_REQUEST | code::INVALID => {
             Status::invalid_argument(format!("etcdserver: {m}"))
         }
+        // Messages that are already etcd's (they start with its prefix) pass unchanged.
+        code::CONFLICT | code::REFUSED | code::NOT_LEADER if m.starts_with("etcdserver: ") => {
+            Status::failed_precondition(m)
+        }
         code::CONFLICT | code::REFUSED | code::NOT_LEADER => {
             Status::failed_precondition(format!("etcdserver: {m}"))
         }
@@ -234,10 +238,10 @@ impl Kv for KvService {
 struct ClusterService(Arc<Shared>);
 
 impl ClusterService {
+    /// etcd's cluster answers carry no revision: membership is not part of the key space.
     async fn listing(&self) -> Result<(Option<pb::ResponseHeader>, Vec<pb::Member>), Status> {
         let st = self.0.app.node.status().await.map_err(status_of)?;
-        let rev = self.0.revision().await?;
-        Ok((self.0.header(rev), self.0.members(&st)))
+        Ok((self.0.header(0), self.0.members(&st)))
     }
 }
 
@@ -253,6 +257,14 @@ impl Cluster for ClusterService {
                 "etcdserver: keel members have exactly one peer URL",
             ));
         };
+        let st = self.0.app.node.status().await.map_err(status_of)?;
+        if let Ok(addr) = crate::input::peer_addr(url) {
+            if members::find_by_addr(&st, &addr).is_some() {
+                return Err(Status::failed_precondition(
+                    "etcdserver: Peer URLs already exists",
+                ));
+            }
+        }
         let (id, _) = members::add(&self.0.app, None, url, r.is_learner)
             .await
             .map_err(status_of_api)?;
@@ -304,6 +316,7 @@ impl Cluster for ClusterService {
                 "etcdserver: can only promote a learner member",
             ));
         }
+        members::check_learner_ready(&st, id).map_err(status_of_api)?;
         self.0.app.node.promote(id).await.map_err(status_of)?;
         let (header, members) = self.listing().await?;
         Ok(Response::new(pb::MemberPromoteResponse { header, members }))
@@ -322,9 +335,9 @@ impl Maintenance for MaintenanceService {
         _req: Request<pb::AlarmRequest>,
     ) -> Result<Response<pb::AlarmResponse>, Status> {
         // Keel raises no alarms: it has no space quota, and corruption stops the node instead.
-        let rev = self.0.revision().await?;
+        // etcd answers an empty alarm list without a header; so does Keel, byte for byte.
         Ok(Response::new(pb::AlarmResponse {
-            header: self.0.header(rev),
+            header: None,
             alarms: Vec::new(),
         }))
     }
@@ -406,6 +419,11 @@ impl Maintenance for MaintenanceService {
         let st = self.0.app.node.status().await.map_err(status_of)?;
         if st.role != StateRole::Leader {
             return Err(Status::failed_precondition("etcdserver: not leader"));
+        }
+        if !st.voters.contains(&to) {
+            return Err(Status::failed_precondition(
+                "etcdserver: bad leader transferee",
+            ));
         }
         self.0
             .app
