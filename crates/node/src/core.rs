@@ -46,6 +46,11 @@ pub struct NodeConfig {
     /// Reads waiting for their read index. Bounds memory under a read storm while the leader
     /// cannot confirm leadership.
     pub max_pending_reads: usize,
+    /// Hand snapshots to the caller to write (`take_snapshot_job`, then `snapshot_saved`)
+    /// instead of writing them inline. Writing a snapshot file is an fsync of the whole state;
+    /// done on the Raft thread it stalls heartbeats long enough to cost the leadership. Off by
+    /// default, so a caller that steps the core alone (the simulator, tests) keeps it whole.
+    pub background_snapshots: bool,
 }
 
 impl NodeConfig {
@@ -57,6 +62,7 @@ impl NodeConfig {
             compaction_margin: 5_000,
             max_pending_writes: 1_000,
             max_pending_reads: 10_000,
+            background_snapshots: false,
         }
     }
 
@@ -184,6 +190,11 @@ pub struct NodeCore<S: LogStore> {
     last_snapshot: u64,
     /// Snapshots received from a leader and installed since start (not the ones taken here).
     snapshots_installed: u64,
+    /// With `background_snapshots`: a snapshot prepared and not yet taken by the caller.
+    snapshot_job: Option<Snapshot>,
+    /// With `background_snapshots`: the index of the snapshot being written. Invariant: at most
+    /// one at a time, so files are written in index order and memory holds one copy.
+    snapshot_writing: Option<u64>,
     /// Peer addresses of members, replicated through membership changes and snapshots.
     /// Entries may outlive their member only until the change removing it is applied.
     peers: AddressBook,
@@ -235,6 +246,8 @@ impl<S: LogStore> NodeCore<S> {
             applied: index,
             last_snapshot: index,
             snapshots_installed: 0,
+            snapshot_job: None,
+            snapshot_writing: None,
             peers,
             in_flight: None,
             outcomes: Vec::new(),
@@ -648,14 +661,56 @@ impl<S: LogStore> NodeCore<S> {
         if every == 0 || self.applied < self.last_snapshot + every {
             return Ok(());
         }
+        if self.snapshot_writing.is_some() {
+            return Ok(());
+        }
         let cs = self.raw.raft.trk.conf_state();
         let data = snapshot::encode(&self.peers, &self.kv.snapshot());
         let (index, margin) = (self.applied, self.cfg.compaction_margin);
+        if self.cfg.background_snapshots {
+            let snap = self
+                .raw
+                .store()
+                .prepare_snapshot(index, cs, data)
+                .map_err(NodeError::Storage)?;
+            self.snapshot_job = Some(snap);
+            self.snapshot_writing = Some(index);
+            return Ok(());
+        }
         self.raw
             .store_mut()
             .snapshot_and_compact(index, cs, data, margin)
             .map_err(NodeError::Storage)?;
         self.last_snapshot = index;
+        Ok(())
+    }
+
+    /// With `background_snapshots`: the snapshot to write durably (the store's `SnapStore::save`
+    /// on any thread), then to hand back with `snapshot_saved`.
+    pub fn take_snapshot_job(&mut self) -> Option<Snapshot> {
+        self.snapshot_job.take()
+    }
+
+    /// The snapshot from `take_snapshot_job` is durable: the log records it and is compacted
+    /// behind it. A snapshot overtaken by one installed from the leader meanwhile is dropped.
+    pub fn snapshot_saved(&mut self, snap: Snapshot) -> Result<(), NodeError> {
+        let (index, _) = snapshot_position(&snap);
+        if self.snapshot_writing != Some(index) {
+            return Err(NodeError::Snapshot(format!(
+                "snapshot at {index} reported saved, but {:?} was being written",
+                self.snapshot_writing
+            )));
+        }
+        self.snapshot_writing = None;
+        let margin = self.cfg.compaction_margin;
+        if self
+            .raw
+            .store_mut()
+            .adopt_snapshot(snap, margin)
+            .map_err(NodeError::Storage)?
+        {
+            self.last_snapshot = self.last_snapshot.max(index);
+        }
         Ok(())
     }
 }

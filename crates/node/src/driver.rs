@@ -282,6 +282,12 @@ enum Input {
         deadline: Instant,
         reply: Reply<u64>,
     },
+    /// The snapshot writer thread finished a file (see `RaftLoop::write_snapshot`).
+    SnapshotSaved {
+        snap: Snapshot,
+        result: Result<(), String>,
+        took: Duration,
+    },
     Shutdown,
 }
 
@@ -290,7 +296,11 @@ impl Input {
     fn is_client(&self) -> bool {
         !matches!(
             self,
-            Input::Tick | Input::Peer(_) | Input::Report(_) | Input::Shutdown
+            Input::Tick
+                | Input::Peer(_)
+                | Input::Report(_)
+                | Input::SnapshotSaved { .. }
+                | Input::Shutdown
         )
     }
 }
@@ -341,6 +351,8 @@ struct RaftLoop {
     transfers: Vec<(u64, Instant, Reply<u64>)>,
     /// The leader last seen, to count leader changes.
     last_leader: u64,
+    /// For the snapshot writer to report back on; weak, so it never keeps the channel open.
+    self_tx: mpsc::WeakSender<Input>,
     /// The commit index the `committed` counter has counted up to. Commit advances while
     /// inputs are stepped as well as during a Ready, so the counter follows this rather than
     /// the difference across one Ready.
@@ -507,6 +519,22 @@ impl RaftLoop {
             }
             Input::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Input::SnapshotSaved { snap, result, took } => {
+                let index = keel_raft::storage::snapshot_position(&snap).0;
+                // A snapshot that could not be written leaves the disk in an unknown state,
+                // like any failed write: fail-stop.
+                result.map_err(NodeError::Storage)?;
+                self.core.snapshot_saved(snap)?;
+                self.metrics.snapshots.inc();
+                self.metrics
+                    .wal_bytes
+                    .set(self.core.raw().store().wal().bytes() as i64);
+                info!(
+                    node = self.id,
+                    "snapshot at index {index}, written in {} ms off the raft thread",
+                    took.as_millis()
+                );
             }
             Input::Shutdown => return Ok(false),
         }
@@ -717,6 +745,9 @@ impl RaftLoop {
             self.deliver(o);
         }
         self.finish_transfers();
+        if let Some(snap) = self.core.take_snapshot_job() {
+            self.write_snapshot(snap)?;
+        }
         let raft = &self.core.raw().raft;
         let m = &self.metrics;
         m.committed
@@ -744,6 +775,30 @@ impl RaftLoop {
             }
         }
         Ok(())
+    }
+
+    /// Writes a snapshot file on a thread of its own (an fsync of the whole state would stall
+    /// heartbeats here), and reports back through the input channel.
+    fn write_snapshot(&self, snap: Snapshot) -> Result<(), NodeError> {
+        let store = self.core.raw().store().snap_store().clone();
+        let tx = self.self_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("keel-snap-{}", self.id))
+            .spawn(move || {
+                let started = Instant::now();
+                let result = store.save(&snap).map(|_| ()).map_err(|e| e.to_string());
+                // Gone only when the node is shutting down; the file is then adopted (or
+                // removed as unrecorded) when the data dir is next opened.
+                if let Some(tx) = tx.upgrade() {
+                    let _ = tx.blocking_send(Input::SnapshotSaved {
+                        snap,
+                        result,
+                        took: started.elapsed(),
+                    });
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| NodeError::Storage(format!("starting the snapshot writer: {e}")))
     }
 
     fn deliver(&mut self, o: Outcome) {
@@ -997,6 +1052,7 @@ fn open_core(cfg: &DriverConfig, book: &AddressBook) -> Result<(NodeCore<WalStor
     nc.raft.heartbeat_tick = cfg.heartbeat_tick;
     nc.snapshot_count = cfg.snapshot_count;
     nc.compaction_margin = nc.compaction_margin.min(cfg.snapshot_count);
+    nc.background_snapshots = true;
     let core = NodeCore::new(nc, store).map_err(|e| match e {
         NodeError::Config(s) => DriverError::Config(s),
         NodeError::Raft(keel_raft::Error::ConfigInvalid(s)) => DriverError::Config(s),
@@ -1120,6 +1176,7 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
         transfers: Vec::new(),
         last_leader: 0,
         counted_commit,
+        self_tx: tx.downgrade(),
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()

@@ -22,6 +22,17 @@ pub trait LogStore: Storage {
         data: Bytes,
         margin: u64,
     ) -> Result<(), String>;
+    /// The snapshot `snapshot_and_compact` would write, for a caller that writes the file
+    /// elsewhere (off the Raft thread) and then calls `adopt_snapshot`.
+    fn prepare_snapshot(
+        &self,
+        index: u64,
+        conf_state: ConfState,
+        data: Bytes,
+    ) -> Result<Snapshot, String>;
+    /// Records a snapshot whose file is durable and drops log entries up to `margin` before
+    /// it. `false` when a newer snapshot was installed meanwhile (nothing changes).
+    fn adopt_snapshot(&mut self, snap: Snapshot, margin: u64) -> Result<bool, String>;
 }
 
 impl LogStore for WalStorage {
@@ -47,5 +58,22 @@ impl LogStore for WalStorage {
         self.create_snapshot(index, conf_state, data)
             .and_then(|_| self.compact_keeping(margin))
             .map_err(|e| e.to_string())
+    }
+
+    fn prepare_snapshot(
+        &self,
+        index: u64,
+        conf_state: ConfState,
+        data: Bytes,
+    ) -> Result<Snapshot, String> {
+        WalStorage::prepare_snapshot(self, index, conf_state, data).map_err(|e| e.to_string())
+    }
+
+    fn adopt_snapshot(&mut self, snap: Snapshot, margin: u64) -> Result<bool, String> {
+        let adopted = WalStorage::adopt_snapshot(self, snap).map_err(|e| e.to_string())?;
+        if adopted {
+            self.compact_keeping(margin).map_err(|e| e.to_string())?;
+        }
+        Ok(adopted)
     }
 }

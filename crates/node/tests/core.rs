@@ -246,6 +246,59 @@ fn a_forwarded_proposal_lost_with_its_leader_is_proposed_to_the_next_one() {
 }
 
 #[test]
+fn background_snapshots_are_written_by_the_caller_one_at_a_time() {
+    let mut c = Cluster::new(1);
+    let mut cfg = config(1, 100);
+    cfg.background_snapshots = true;
+    let store = {
+        let old = c.nodes.remove(&1).unwrap();
+        drop(old);
+        WalStorage::open(
+            Arc::new(c.disks[&1].clone()),
+            Path::new(DIR),
+            StorageOptions::new(1, CLUSTER),
+        )
+        .unwrap()
+    };
+    c.nodes.insert(1, NodeCore::new(cfg, store).unwrap());
+    c.elect(1);
+    let snap_before = c.nodes[&1].last_snapshot();
+    for i in 0..20 {
+        c.node(1).propose(i, put(&format!("k{i}"), "v")).unwrap();
+        c.stabilize();
+    }
+    // Past snapshot_count (8) the core prepared one snapshot and waits for it to be written:
+    // no second one is prepared meanwhile, and nothing was compacted yet.
+    let job = c.node(1).take_snapshot_job().expect("a snapshot to write");
+    assert!(c.node(1).take_snapshot_job().is_none());
+    assert_eq!(
+        c.nodes[&1].last_snapshot(),
+        snap_before,
+        "not adopted before it is written"
+    );
+    let index = job.metadata.as_ref().unwrap().index;
+    assert!(index >= 8, "{index}");
+    let first_before = keel_raft::Storage::first_index(c.nodes[&1].raw().store()).unwrap();
+    c.nodes[&1].raw().store().snap_store().save(&job).unwrap();
+    c.node(1).snapshot_saved(job.clone()).unwrap();
+    assert_eq!(c.nodes[&1].last_snapshot(), index);
+    let first_after = keel_raft::Storage::first_index(c.nodes[&1].raw().store()).unwrap();
+    assert!(first_after > first_before, "compacted behind the snapshot");
+    // A report for a snapshot that is not being written is refused.
+    assert!(c.node(1).snapshot_saved(job).is_err());
+    // After a restart the adopted snapshot is the one recovered.
+    drop(c.nodes.remove(&1));
+    let store = WalStorage::open(
+        Arc::new(c.disks[&1].clone()),
+        Path::new(DIR),
+        StorageOptions::new(1, CLUSTER),
+    )
+    .unwrap();
+    let n = NodeCore::new(config(1, 101), store).unwrap();
+    assert_eq!(n.last_snapshot(), index);
+}
+
+#[test]
 fn proposals_beyond_the_pending_limit_are_refused() {
     let mut c = Cluster::new(1);
     c.elect(1);

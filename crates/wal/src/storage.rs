@@ -331,23 +331,47 @@ impl WalStorage {
         conf_state: ConfState,
         data: Bytes,
     ) -> Result<()> {
+        let snap = self.prepare_snapshot(index, conf_state, data)?;
+        self.snaps.save(&snap)?;
+        self.adopt_snapshot(snap).map(|_| ())
+    }
+
+    /// The first step of `create_snapshot` split in three, for callers that write the file on
+    /// another thread: the snapshot of the applied state at `index`, not yet written. Write it
+    /// with (a clone of) `snap_store().save`, then hand it to `adopt_snapshot`.
+    pub fn prepare_snapshot(
+        &self,
+        index: u64,
+        conf_state: ConfState,
+        data: Bytes,
+    ) -> Result<Snapshot> {
         if index <= self.snapshot_index() {
             return Err(StorageError::Compacted(index).into());
         }
         let term = Storage::term(self, index)?;
-        let snap = Snapshot {
+        Ok(Snapshot {
             data,
             metadata: Some(SnapshotMetadata {
                 conf_state: Some(conf_state),
                 index,
                 term,
             }),
-        };
-        self.snaps.save(&snap)?;
+        })
+    }
+
+    /// Records a snapshot whose file is durable (written by `SnapStore::save`): the WAL marks
+    /// it and older files are pruned. Returns `false`, changing nothing, when a snapshot at or
+    /// past its index was installed meanwhile (from the leader): the log it was taken from is
+    /// gone, and pruning removes its file later.
+    pub fn adopt_snapshot(&mut self, snap: Snapshot) -> Result<bool> {
+        let (index, term) = snap_index(&snap);
+        if index <= self.snapshot_index() {
+            return Ok(false);
+        }
         self.wal.mark_snapshot(index, term)?;
         self.snapshot = snap;
         self.snaps.retain(self.keep_snapshots)?;
-        Ok(())
+        Ok(true)
     }
 
     /// Discards entries up to and including `compact_index` (which a snapshot must cover) and
