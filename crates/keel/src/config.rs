@@ -16,8 +16,9 @@ use serde::Deserialize;
 
 use crate::client::parse_duration;
 
-/// Node ids are below 2^32: the driver builds proposer ids as `id << 32 | boot`.
-pub const MAX_NODE_ID: u64 = u32::MAX as u64;
+/// Node ids are below 2^32 (the driver builds proposer ids as `id << 32 | boot`); a name's
+/// trailing digits are its id (`node-03` -> 3). The API applies the same rules to joiners.
+pub use keel_api::{id_from_name, MAX_NODE_ID};
 
 /// A name is shown in status and sent to the member a node joins through; it stays short and
 /// printable so it can go into a URL query and a directory name unescaped.
@@ -247,18 +248,6 @@ pub const DEFAULT_PEER_URL: &str = "http://127.0.0.1:2380";
 /// `http://host:port`, `tcp://host:port` or `host:port` -> `host:port`.
 pub fn peer_addr(url: &str) -> Result<String, String> {
     keel_node::driver::peer_addr(url)
-}
-
-/// A name's trailing digits as an id (`node-03` -> 3).
-pub fn id_from_name(name: &str) -> Option<u64> {
-    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-    if digits == 0 {
-        return None;
-    }
-    name[name.len() - digits..]
-        .parse::<u64>()
-        .ok()
-        .filter(|&id| id != 0 && id <= MAX_NODE_ID)
 }
 
 fn check_id(id: u64, what: &str) -> Result<u64, String> {
