@@ -358,7 +358,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: st.applied,
             errors: Vec::new(),
             db_size_in_use: st.wal_bytes as i64,
-            is_learner: st.learners.contains(&st.id) && st.role != StateRole::Leader,
+            is_learner: st.learners.contains(&st.id),
         }))
     }
 
