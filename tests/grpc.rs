@@ -476,3 +476,34 @@ async fn harness_promote(cl: &mut ClusterClient<Channel>, id: u64) -> pb::Member
         }
     }
 }
+
+/// `--auto-compaction-retention 1s` (periodic, as etcd): history older than a second is
+/// compacted by the leader; the current data stays.
+#[test]
+fn periodic_auto_compaction_drops_old_history() {
+    let c = Cluster::raftexample(1, &["--auto-compaction-retention", "1s"]);
+    c.leader_of(&[1]);
+    rt().block_on(async {
+        let mut kv = KvClient::new(channel(c.node(1).client).await);
+        let first = kv.put(put("a", "1")).await.unwrap().into_inner();
+        let first = first.header.unwrap().revision;
+        kv.put(put("a", "2")).await.unwrap();
+        let old = pb::RangeRequest {
+            revision: first,
+            ..get("a")
+        };
+        let deadline = std::time::Instant::now() + harness::WAIT;
+        loop {
+            match kv.range(old.clone()).await {
+                Err(e) if e.code() == Code::OutOfRange => break,
+                Ok(r) if std::time::Instant::now() < deadline => {
+                    assert_eq!(value(&r.into_inner()).as_deref(), Some("1"));
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => panic!("revision {first} was never compacted: {other:?}"),
+            }
+        }
+        let now = kv.range(get("a")).await.unwrap().into_inner();
+        assert_eq!(value(&now).as_deref(), Some("2"));
+    });
+}

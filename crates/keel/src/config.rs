@@ -15,6 +15,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::client::parse_duration;
+use keel_node::compactor::AutoCompaction;
 
 /// Node ids are below 2^32 (the driver builds proposer ids as `id << 32 | boot`); a name's
 /// trailing digits are its id (`node-03` -> 3). The API applies the same rules to joiners.
@@ -115,6 +116,16 @@ pub struct ServeArgs {
     /// Most operations in one etcd txn (etcd's --max-txn-ops).
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
+
+    /// How history is compacted automatically (etcd's flag): `periodic` keeps the revisions of
+    /// the last --auto-compaction-retention, `revision` keeps that many revisions.
+    #[arg(long, default_value = "periodic", value_parser = ["periodic", "revision"])]
+    pub auto_compaction_mode: String,
+
+    /// `0` (the default) keeps all history. Periodic: a duration (`30m`, `1h`) or a number of
+    /// hours, as etcd; revision: a number of revisions.
+    #[arg(long, default_value = "0")]
+    pub auto_compaction_retention: String,
 
     /// Where clients connect, as etcd names it (http://host:port); the HTTP API and etcd's
     /// gRPC API share it. Overrides --host and --port.
@@ -238,6 +249,7 @@ pub struct Plan {
     pub snapshot_count: u64,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
+    pub auto_compaction: Option<AutoCompaction>,
 }
 
 /// The client port of a node given no --port.
@@ -502,6 +514,8 @@ pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, Stri
             "--max-txn-ops {max_txn_ops}: must be in 1..=1000000"
         ));
     }
+    let auto_compaction =
+        auto_compaction(&args.auto_compaction_mode, &args.auto_compaction_retention)?;
     let cluster_token = args
         .cluster_token
         .clone()
@@ -540,7 +554,37 @@ pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, Stri
         snapshot_count,
         max_request_bytes,
         max_txn_ops,
+        auto_compaction,
     })
+}
+
+/// etcd's `--auto-compaction-mode` and `--auto-compaction-retention`; `None` keeps all history.
+pub fn auto_compaction(mode: &str, retention: &str) -> Result<Option<AutoCompaction>, String> {
+    let r = retention.trim();
+    if r == "0" || r.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: &str| format!("--auto-compaction-retention {r:?}: {why}");
+    match mode {
+        "periodic" => {
+            // A bare number is hours, as etcd reads it.
+            let d = match r.parse::<u64>() {
+                Ok(h) => Duration::from_secs(h.saturating_mul(3600)),
+                Err(_) => parse_duration(r).map_err(|e| bad(&e))?,
+            };
+            if d < Duration::from_secs(1) {
+                return Err(bad("must be at least 1s"));
+            }
+            Ok(Some(AutoCompaction::Periodic(d)))
+        }
+        "revision" => match r.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(Some(AutoCompaction::Revision(n))),
+            _ => Err(bad("a positive number of revisions")),
+        },
+        other => Err(format!(
+            "--auto-compaction-mode {other:?}: periodic or revision"
+        )),
+    }
 }
 
 /// The cluster id for a token: FNV-1a, never 0 (0 means "unknown" on the wire).
@@ -758,6 +802,26 @@ mod tests {
         ] {
             assert!(resolve(&args(bad), None).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn auto_compaction_reads_etcds_flags() {
+        assert_eq!(auto_compaction("periodic", "0"), Ok(None));
+        assert_eq!(
+            auto_compaction("periodic", "2"),
+            Ok(Some(AutoCompaction::Periodic(Duration::from_secs(7200))))
+        );
+        assert_eq!(
+            auto_compaction("periodic", "30m"),
+            Ok(Some(AutoCompaction::Periodic(Duration::from_secs(1800))))
+        );
+        assert_eq!(
+            auto_compaction("revision", "1000"),
+            Ok(Some(AutoCompaction::Revision(1000)))
+        );
+        assert!(auto_compaction("revision", "-5").is_err());
+        assert!(auto_compaction("periodic", "soon").is_err());
+        assert!(auto_compaction("periodic", "10ms").is_err());
     }
 
     #[test]

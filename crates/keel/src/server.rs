@@ -116,6 +116,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
     let node = driver::start(cfg)
         .await
         .with_context(|| format!("node {} could not start", ident.id))?;
+    if let Some(mode) = plan.auto_compaction {
+        info!(node = ident.id, "auto-compaction: {mode:?}");
+        tokio::spawn(keel_node::compactor::run(node.clone(), mode));
+    }
     let mut api = ApiConfig::new(plan.name.clone(), ident.cluster_id);
     api.max_request_bytes = plan.max_request_bytes;
     api.max_txn_ops = plan.max_txn_ops;

@@ -5,6 +5,7 @@
 //! over whatever file system it was opened on), and messages and answers are handed back to
 //! the caller. The server's driver ([`driver`]) and the simulator run the same code.
 
+pub mod compactor;
 pub mod core;
 pub mod driver;
 pub mod log_store;
