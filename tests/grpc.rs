@@ -7,6 +7,7 @@ mod harness;
 use bytes::Bytes;
 use harness::{free_ports, Cluster};
 use keel_etcdpb::etcdserverpb as pb;
+use keel_etcdpb::etcdserverpb::auth_client::AuthClient;
 use keel_etcdpb::etcdserverpb::cluster_client::ClusterClient;
 use keel_etcdpb::etcdserverpb::kv_client::KvClient;
 use keel_etcdpb::etcdserverpb::maintenance_client::MaintenanceClient;
@@ -244,6 +245,34 @@ fn kv_txn_compaction_and_errors_over_grpc() {
         for k in ["d", "big", "l", "k0"] {
             assert!(kv.range(get(k)).await.unwrap().into_inner().kvs.is_empty());
         }
+
+        // Auth answers as an etcd with authentication disabled.
+        let mut auth = AuthClient::new(channel(fport).await);
+        let st = auth
+            .auth_status(pb::AuthStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!st.enabled);
+        let e = auth
+            .authenticate(pb::AuthenticateRequest {
+                name: "root".into(),
+                password: "pw".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                Code::FailedPrecondition,
+                "etcdserver: authentication is not enabled"
+            )
+        );
+        let e = auth
+            .auth_enable(pb::AuthEnableRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.message(), "etcdserver: root user does not exist");
 
         // A service not served yet answers as gRPC (Unimplemented), not as an HTTP key.
         let mut w = WatchClient::new(channel(fport).await);

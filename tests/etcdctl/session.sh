@@ -7,7 +7,7 @@
 # an empty store (revision 1): the first write is revision 2 on etcd and Keel alike, and
 # revisions are compared as they are.
 #
-# Only commands Keel serves are here: no watch, lease, auth, snapshot or member update.
+# Only commands Keel serves are here: no watch, lease, user or role, snapshot or member update.
 #
 # Usage: session.sh ENDPOINTS
 set -uo pipefail
@@ -255,3 +255,9 @@ follower=$(member_where_leader_is false)
 run move-leader "$follower"
 run move-leader "$follower"
 run get --prefix zoo
+
+echo "## auth (disabled, as on a fresh etcd)"
+run auth disable
+run auth enable
+run --user root:secret get foo
+run alarm list -w json

@@ -4,8 +4,8 @@
 //! API never uses.
 //!
 //! Errors carry etcd's status codes and messages, because clients match on the message text
-//! (clientv3's `rpctypes`). Watch, Lease and Auth are not served yet: they answer
-//! `Unimplemented`.
+//! (clientv3's `rpctypes`). Auth answers as an etcd with authentication disabled. Watch and
+//! Lease are not served yet: they answer `Unimplemented`.
 
 pub mod convert;
 
@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use keel_etcdpb::etcdserverpb as pb;
+use keel_etcdpb::etcdserverpb::auth_server::{Auth, AuthServer};
 use keel_etcdpb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
 use keel_etcdpb::etcdserverpb::kv_server::{Kv, KvServer};
 use keel_etcdpb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
@@ -445,6 +446,86 @@ impl Maintenance for MaintenanceService {
     }
 }
 
+struct AuthService(Arc<Shared>);
+
+/// What the user and role RPCs answer: Keel has no user store yet.
+const NO_USERS: &str = "keel: users and roles are not supported yet; authentication is disabled";
+
+/// The Auth service of an etcd whose authentication is disabled, which is what Keel is: the
+/// status says so, `Authenticate` answers etcd's "not enabled" (clients that were given a user
+/// name report it as etcd's), and enabling fails as it does on an etcd without a root user.
+/// The user and role RPCs all answer `Unimplemented`; the macro writes them out.
+macro_rules! auth_service {
+    ($($rpc:ident($req:ident) -> $resp:ident;)*) => {
+        #[tonic::async_trait]
+        impl Auth for AuthService {
+            async fn auth_status(
+                &self,
+                _req: Request<pb::AuthStatusRequest>,
+            ) -> Result<Response<pb::AuthStatusResponse>, Status> {
+                Ok(Response::new(pb::AuthStatusResponse {
+                    header: self.0.header(0),
+                    enabled: false,
+                    // A fresh etcd's auth store is at revision 1.
+                    auth_revision: 1,
+                }))
+            }
+
+            async fn authenticate(
+                &self,
+                _req: Request<pb::AuthenticateRequest>,
+            ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+                Err(Status::failed_precondition(
+                    "etcdserver: authentication is not enabled",
+                ))
+            }
+
+            async fn auth_enable(
+                &self,
+                _req: Request<pb::AuthEnableRequest>,
+            ) -> Result<Response<pb::AuthEnableResponse>, Status> {
+                Err(Status::failed_precondition(
+                    "etcdserver: root user does not exist",
+                ))
+            }
+
+            async fn auth_disable(
+                &self,
+                _req: Request<pb::AuthDisableRequest>,
+            ) -> Result<Response<pb::AuthDisableResponse>, Status> {
+                Ok(Response::new(pb::AuthDisableResponse {
+                    header: self.0.header(0),
+                }))
+            }
+
+            $(
+                async fn $rpc(
+                    &self,
+                    _req: Request<pb::$req>,
+                ) -> Result<Response<pb::$resp>, Status> {
+                    Err(Status::unimplemented(NO_USERS))
+                }
+            )*
+        }
+    };
+}
+
+auth_service! {
+    user_add(AuthUserAddRequest) -> AuthUserAddResponse;
+    user_get(AuthUserGetRequest) -> AuthUserGetResponse;
+    user_list(AuthUserListRequest) -> AuthUserListResponse;
+    user_delete(AuthUserDeleteRequest) -> AuthUserDeleteResponse;
+    user_change_password(AuthUserChangePasswordRequest) -> AuthUserChangePasswordResponse;
+    user_grant_role(AuthUserGrantRoleRequest) -> AuthUserGrantRoleResponse;
+    user_revoke_role(AuthUserRevokeRoleRequest) -> AuthUserRevokeRoleResponse;
+    role_add(AuthRoleAddRequest) -> AuthRoleAddResponse;
+    role_get(AuthRoleGetRequest) -> AuthRoleGetResponse;
+    role_list(AuthRoleListRequest) -> AuthRoleListResponse;
+    role_delete(AuthRoleDeleteRequest) -> AuthRoleDeleteResponse;
+    role_grant_permission(AuthRoleGrantPermissionRequest) -> AuthRoleGrantPermissionResponse;
+    role_revoke_permission(AuthRoleRevokePermissionRequest) -> AuthRoleRevokePermissionResponse;
+}
+
 /// The gRPC services as an axum router, sharing the HTTP API's state.
 pub(crate) fn routes(app: App, client_url: String) -> axum::Router {
     let shared = Arc::new(Shared {
@@ -461,8 +542,9 @@ pub(crate) fn routes(app: App, client_url: String) -> axum::Router {
         ClusterServer::new(ClusterService(shared.clone())).max_decoding_message_size(limit),
     )
     .add_service(
-        MaintenanceServer::new(MaintenanceService(shared)).max_decoding_message_size(limit),
+        MaintenanceServer::new(MaintenanceService(shared.clone())).max_decoding_message_size(limit),
     )
+    .add_service(AuthServer::new(AuthService(shared)).max_decoding_message_size(limit))
     .into_axum_router()
 }
 
