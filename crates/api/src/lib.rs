@@ -33,7 +33,7 @@ use keel_node::driver::NodeHandle;
 use tokio::sync::Semaphore;
 
 pub use error::{code, ApiError};
-pub use input::{id_from_name, peer_addr, MAX_NODE_ID};
+pub use input::{id_from_name, peer_addr, query_pairs, MAX_NODE_ID};
 pub use serve::{serve, LimitedListener};
 
 /// The header naming the leader (its node id, 0 when none is known) on every answer.

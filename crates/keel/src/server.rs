@@ -429,15 +429,9 @@ async fn forming_members(State(st): State<FormingState>, body: axum::body::Bytes
 }
 
 async fn forming_intern_join(State(st): State<FormingState>, uri: Uri) -> Response {
-    let mut name = None;
-    let mut host = None;
-    for pair in uri.query().unwrap_or("").split('&') {
-        match pair.split_once('=') {
-            Some(("name", v)) => name = Some(v.to_string()),
-            Some(("host", v)) => host = Some(v.to_string()),
-            _ => {}
-        }
-    }
+    let q = keel_api::query_pairs(&uri);
+    let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let (name, host) = (param("name"), param("host"));
     let Some(host) = host else {
         return forming_error(
             StatusCode::BAD_REQUEST,

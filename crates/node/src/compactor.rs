@@ -9,8 +9,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use keel_kv::{CompactRequest, Op, RangeRequest};
+use keel_kv::{CompactRequest, Op};
 use keel_raft::StateRole;
 use tracing::{debug, info, warn};
 
@@ -49,18 +48,6 @@ pub fn revision_target(current: i64, keep: i64) -> i64 {
     current.saturating_sub(keep)
 }
 
-async fn current_revision(node: &NodeHandle) -> Result<i64, DriverError> {
-    // A one-key local read: cheap, and its header revision is the store's.
-    let r = node
-        .read_local(RangeRequest {
-            key: Bytes::from_static(b"\0"),
-            count_only: true,
-            ..Default::default()
-        })
-        .await?;
-    Ok(r.revision)
-}
-
 /// Runs until the node stops. Spawn it on the node's runtime.
 pub async fn run(node: NodeHandle, mode: AutoCompaction) {
     let every = match mode {
@@ -87,7 +74,7 @@ pub async fn run(node: NodeHandle, mode: AutoCompaction) {
             samples.clear();
             continue;
         }
-        let rev = match current_revision(&node).await {
+        let rev = match node.revision().await {
             Ok(r) => r,
             Err(DriverError::Stopped) => return,
             Err(_) => continue,

@@ -1391,6 +1391,19 @@ impl NodeHandle {
             .await
     }
 
+    /// The local store's current revision: a one-key serializable read, so no hashing and no
+    /// ReadIndex round (for response headers and the compactor).
+    pub async fn revision(&self) -> Result<i64> {
+        let r = self
+            .read_local(RangeRequest {
+                key: Bytes::from_static(b"\0"),
+                count_only: true,
+                ..Default::default()
+            })
+            .await?;
+        Ok(r.revision)
+    }
+
     /// etcd's HashKV of the local state at `revision` (0: the current one).
     pub async fn hash(&self, revision: i64) -> Result<HashInfo> {
         self.call(self.deadline(), |reply| Input::Hash { revision, reply })

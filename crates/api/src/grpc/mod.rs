@@ -12,13 +12,12 @@ pub mod convert;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use keel_etcdpb::etcdserverpb as pb;
 use keel_etcdpb::etcdserverpb::auth_server::{Auth, AuthServer};
 use keel_etcdpb::etcdserverpb::cluster_server::{Cluster, ClusterServer};
 use keel_etcdpb::etcdserverpb::kv_server::{Kv, KvServer};
 use keel_etcdpb::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
-use keel_kv::{Op, RangeRequest, Response as KvResponse};
+use keel_kv::{Op, Response as KvResponse};
 use keel_node::driver::{DriverError, Status as NodeStatus};
 use keel_raft::StateRole;
 use prost::Message as _;
@@ -63,19 +62,8 @@ impl Shared {
         Ok(())
     }
 
-    /// The store's current revision, from a one-key local read (no hashing, no ReadIndex).
     async fn revision(&self) -> Result<i64, Status> {
-        let r = self
-            .app
-            .node
-            .read_local(RangeRequest {
-                key: Bytes::from_static(b"\0"),
-                count_only: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(status_of)?;
-        Ok(r.revision)
+        self.app.node.revision().await.map_err(status_of)
     }
 
     async fn propose(&self, op: Op) -> Result<KvResponse, Status> {
