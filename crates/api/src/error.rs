@@ -127,13 +127,17 @@ impl From<DriverError> for ApiError {
         use StatusCode as S;
         let msg = e.to_string();
         let (status, code) = match &e {
-            DriverError::NoLeader => (S::SERVICE_UNAVAILABLE, code::NO_LEADER),
+            DriverError::NoLeader | DriverError::LeaderChanged => {
+                (S::SERVICE_UNAVAILABLE, code::NO_LEADER)
+            }
             DriverError::Refused(_) => (S::CONFLICT, code::REFUSED),
             DriverError::Conflict(_) => (S::CONFLICT, code::CONFLICT),
             DriverError::UnknownMember(_) => (S::NOT_FOUND, code::MEMBER_NOT_FOUND),
             DriverError::Invalid(_) => (S::BAD_REQUEST, code::INVALID),
             DriverError::NotLeader(_) => (S::CONFLICT, code::NOT_LEADER),
-            DriverError::Overloaded => (S::SERVICE_UNAVAILABLE, code::OVERLOADED),
+            DriverError::Overloaded | DriverError::Busy(_) => {
+                (S::SERVICE_UNAVAILABLE, code::OVERLOADED)
+            }
             DriverError::Timeout => (S::GATEWAY_TIMEOUT, code::TIMEOUT),
             DriverError::Kv(_) => (S::BAD_REQUEST, code::INVALID),
             DriverError::Stopped => (S::SERVICE_UNAVAILABLE, code::STOPPED),

@@ -70,6 +70,9 @@ pub struct ApiConfig {
     pub max_txn_ops: usize,
     /// This node's client URL as clients reach it, reported in its etcd `Member.clientURLs`.
     pub client_url: String,
+    /// How often an idle watcher that asked for progress notifications gets one (etcd's
+    /// `--experimental-watch-progress-notify-interval`, 10 minutes).
+    pub watch_progress_interval: std::time::Duration,
 }
 
 impl ApiConfig {
@@ -84,6 +87,7 @@ impl ApiConfig {
             max_range_bytes: 16 << 20,
             max_txn_ops: keel_kv::DEFAULT_MAX_TXN_OPS,
             client_url: String::new(),
+            watch_progress_interval: std::time::Duration::from_secs(600),
         }
     }
 }

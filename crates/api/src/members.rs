@@ -14,6 +14,10 @@ use crate::Inner;
 #[derive(Debug, Serialize)]
 pub struct MemberJson {
     pub id: u64,
+    /// What the member published through Raft (etcd's name and client URLs); empty for a
+    /// member that has not started since it was added.
+    pub name: String,
+    pub client_urls: Vec<String>,
     pub peer_url: Option<String>,
     pub learner: bool,
     /// Highest log index known to be replicated on the member; like `next` and `lag`, only the
@@ -31,6 +35,8 @@ pub fn members_json(st: &Status) -> Vec<MemberJson> {
         .iter()
         .map(|m| MemberJson {
             id: m.id,
+            name: m.name.clone(),
+            client_urls: m.client_urls.clone(),
             peer_url: m.peer_url.clone(),
             learner: m.learner,
             matched: m.matched,

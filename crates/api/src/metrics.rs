@@ -33,6 +33,11 @@ pub struct HttpMetrics {
     /// Requests answered 503 at once because `max_concurrent_requests` were already running.
     pub shed: Counter,
     pub in_flight: Gauge,
+    /// etcd watch streams open now, and the watchers on them.
+    pub watch_streams: Gauge,
+    pub watchers: Gauge,
+    /// Watchers cancelled because their client left a full stream unread too long.
+    pub watch_slow_cancels: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -67,12 +72,33 @@ impl HttpMetrics {
             "Requests being served now",
             in_flight.clone(),
         );
+        let watch_streams = Gauge::default();
+        let watchers = Gauge::default();
+        let watch_slow_cancels = Counter::default();
+        registry.register(
+            "watch_streams",
+            "etcd watch streams open now",
+            watch_streams.clone(),
+        );
+        registry.register(
+            "watchers",
+            "etcd watchers on the open streams",
+            watchers.clone(),
+        );
+        registry.register(
+            "watch_slow_cancels",
+            "Watchers cancelled because their client did not read a full stream in time",
+            watch_slow_cancels.clone(),
+        );
         HttpMetrics {
             registry,
             requests,
             latency,
             shed,
             in_flight,
+            watch_streams,
+            watchers,
+            watch_slow_cancels,
         }
     }
 

@@ -354,6 +354,7 @@ pub async fn status(State(app): State<App>) -> ApiResult<Response> {
             "term": st.term,
             "leader": st.leader,
             "leader_peer_url": st.leader_addr,
+            "leader_client_urls": st.leader_client_urls(),
             "commit": st.commit,
             "applied": st.applied,
             "last_index": st.last_index,

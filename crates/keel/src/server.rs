@@ -113,6 +113,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
     cfg.election_tick = plan.election_ticks;
     cfg.heartbeat_tick = plan.heartbeat_ticks;
     cfg.snapshot_count = plan.snapshot_count;
+    // Published through Raft, so every member lists this one by name with its client URL.
+    let client_url = format!("http://{}", plan.client_addr);
+    cfg.name = plan.name.clone();
+    cfg.client_urls = vec![client_url.clone()];
     let node = driver::start(cfg)
         .await
         .with_context(|| format!("node {} could not start", ident.id))?;
@@ -123,7 +127,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
     let mut api = ApiConfig::new(plan.name.clone(), ident.cluster_id);
     api.max_request_bytes = plan.max_request_bytes;
     api.max_txn_ops = plan.max_txn_ops;
-    api.client_url = format!("http://{}", plan.client_addr);
+    api.client_url = client_url;
     info!(
         node = ident.id,
         "serving clients on http://{}, peers on {}",

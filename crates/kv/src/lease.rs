@@ -123,6 +123,10 @@ impl Store {
             .map(|l| l.keys.iter().cloned().collect())
     }
 
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
     /// Every lease, by id: what a new leader needs to start its expiry clock.
     pub fn leases(&self) -> Vec<LeaseInfo> {
         self.leases

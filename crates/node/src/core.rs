@@ -15,15 +15,17 @@
 //! (`NodeError::Overloaded`), never a stall of the Raft loop.
 
 use bytes::Bytes;
-use keel_kv::{Command, Op, RangeRequest, RangeResponse, RequestId, Response, Store};
+use keel_kv::{Command, Event, Op, RangeRequest, RangeResponse, RequestId, Response, Store};
 use keel_proto::raftpb::{ConfChange, ConfState, Entry, EntryType, HardState, Message, Snapshot};
 use keel_raft::storage::snapshot_position;
 use keel_raft::{RawNode, ReadState, StateRole};
 use prost::Message as _;
 use std::collections::HashMap;
 
+use crate::entry::{self, Envelope, NodeEntry};
+use crate::lessor::LeaseChange;
 use crate::log_store::LogStore;
-use crate::snapshot::{self, AddressBook};
+use crate::snapshot::{self, AddressBook, Attributes, MemberAttrs};
 
 /// Identifies a request to whoever made it; opaque to the node.
 pub type Token = u64;
@@ -51,6 +53,25 @@ pub struct NodeConfig {
     /// done on the Raft thread it stalls heartbeats long enough to cost the leadership. Off by
     /// default, so a caller that steps the core alone (the simulator, tests) keeps it whole.
     pub background_snapshots: bool,
+    /// This member's name and client URLs, published through the log (etcd's `publish`) once
+    /// this node knows a leader, whenever the replicated ones differ. `None` publishes nothing:
+    /// the member then shows as never started (the simulator, tests of the core alone).
+    pub attributes: Option<MemberAttrs>,
+    /// Keep the events of applied writes for `take_watch_feed` (the watch hub's input). Off by
+    /// default so that a caller that never takes them (the simulator) does not accumulate them.
+    pub collect_events: bool,
+    /// Known bugs to plant, so the simulator can show its checkers catch them.
+    #[cfg(feature = "bug-injection")]
+    pub bugs: InjectedBugs,
+}
+
+/// Bugs `NodeCore` can be built with (feature `bug-injection`).
+#[cfg(feature = "bug-injection")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InjectedBugs {
+    /// A snapshot install does not mark the watch feed reset, so watchers never learn of the
+    /// changes the snapshot skipped over.
+    pub watch_feed_ignores_snapshots: bool,
 }
 
 impl NodeConfig {
@@ -63,6 +84,10 @@ impl NodeConfig {
             max_pending_writes: 1_000,
             max_pending_reads: 10_000,
             background_snapshots: false,
+            attributes: None,
+            collect_events: false,
+            #[cfg(feature = "bug-injection")]
+            bugs: InjectedBugs::default(),
         }
     }
 
@@ -77,6 +102,9 @@ impl NodeConfig {
             return Err(NodeError::Config(
                 "max_pending_reads must be above 0".into(),
             ));
+        }
+        if let Some(a) = &self.attributes {
+            a.validate().map_err(NodeError::Config)?;
         }
         Ok(())
     }
@@ -129,12 +157,28 @@ pub enum Outcome {
     },
     /// A read that cannot be confirmed any more (leadership changed while it waited); retry.
     ReadDropped { token: Token },
+    /// A peer address change proposed here (`propose_peer_addr`) was applied: the
+    /// configuration then in force, or why applying it refused the change.
+    PeerAddrChanged {
+        token: Token,
+        result: Result<ConfState, PeerAddrError>,
+    },
     /// This node's role or its known leader changed.
     RoleChanged {
         role: StateRole,
         term: u64,
         leader: u64,
     },
+}
+
+/// Why an applied peer address change changed nothing. Both are races with another change
+/// committed first: the proposer's checks passed against an older view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerAddrError {
+    #[error("node {0} is not a member")]
+    NotMember(u64),
+    #[error("{addr} is already the peer address of member {owner}")]
+    AddressInUse { addr: String, owner: u64 },
 }
 
 /// Messages a Ready lets out at once.
@@ -198,8 +242,43 @@ pub struct NodeCore<S: LogStore> {
     /// Peer addresses of members, replicated through membership changes and snapshots.
     /// Entries may outlive their member only until the change removing it is applied.
     peers: AddressBook,
+    /// Members' published attributes, replicated through node entries and snapshots.
+    /// Invariant: only members have an entry (removed with the member).
+    attrs: Attributes,
+    /// Ticks before this node may propose its attributes again: a publish in flight commits
+    /// within a few heartbeats, and one lost with a leader is retried once this runs out.
+    publish_wait: usize,
+    /// Sequence number -> waiting peer address change. Counted with `writes` and `confs`
+    /// against `cfg.max_pending_writes`. Not proposed again on a leader change, unlike writes:
+    /// a repeat applied after a later change of the same member's address would undo it.
+    addr_changes: HashMap<u64, Token>,
     in_flight: Option<InFlight>,
     outcomes: Vec<Outcome>,
+    /// With `collect_events`: what applying changed since the last `take_watch_feed`.
+    watch_feed: WatchFeed,
+    /// With `collect_events`: lease grants and revokes applied since the last
+    /// `take_lease_changes`, in order, for the leader's lease clock.
+    lease_changes: Vec<LeaseChange>,
+}
+
+/// What the state machine's applied writes changed since the last `take_watch_feed`: the input of
+/// a watch hub.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchFeed {
+    /// In (revision, sub-revision) order, each exactly once, with `prev_kv` filled in. When
+    /// `reset` is set, only the changes applied after the snapshot.
+    pub events: Vec<Event>,
+    /// A snapshot replaced the state machine: the changes between the previous feed and the
+    /// snapshot are not in any feed, so a watcher must read them from the store's history.
+    pub reset: bool,
+    /// The store's revision once these changes were applied.
+    pub revision: i64,
+}
+
+impl WatchFeed {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && !self.reset
+    }
 }
 
 /// A context naming its proposer and a sequence number: a membership change's (so the
@@ -226,7 +305,7 @@ impl<S: LogStore> NodeCore<S> {
         cfg.validate()?;
         let snap = store.snapshot(0)?;
         let (index, _) = snapshot_position(&snap);
-        let (peers, kv) = restore(&snap.data)?;
+        let (peers, attrs, kv) = restore(&snap.data)?;
         let mut raft_cfg = cfg.raft.clone();
         raft_cfg.applied = index;
         let raw = RawNode::new(&raft_cfg, store)?;
@@ -249,8 +328,13 @@ impl<S: LogStore> NodeCore<S> {
             snapshot_job: None,
             snapshot_writing: None,
             peers,
+            attrs,
+            publish_wait: 0,
+            addr_changes: HashMap::new(),
             in_flight: None,
             outcomes: Vec::new(),
+            watch_feed: WatchFeed::default(),
+            lease_changes: Vec::new(),
         })
     }
 
@@ -266,6 +350,18 @@ impl<S: LogStore> NodeCore<S> {
 
     pub fn kv(&self) -> &Store {
         &self.kv
+    }
+
+    /// Members' published attributes (name, client URLs), as replicated. A member without an
+    /// entry never published: etcd's "unstarted".
+    pub fn attributes(&self) -> &Attributes {
+        &self.attrs
+    }
+
+    /// This node's state as a snapshot holds it (address book, attributes, state machine):
+    /// what a Raft snapshot's data would be at `applied()`.
+    pub fn snapshot_data(&self) -> Bytes {
+        snapshot::encode(&self.peers, &self.attrs, &self.kv.snapshot())
     }
 
     pub fn applied(&self) -> u64 {
@@ -305,6 +401,7 @@ impl<S: LogStore> NodeCore<S> {
 
     pub fn tick(&mut self) {
         self.raw.tick();
+        self.publish_wait = self.publish_wait.saturating_sub(1);
     }
 
     pub fn campaign(&mut self) -> Result<(), NodeError> {
@@ -330,7 +427,7 @@ impl<S: LogStore> NodeCore<S> {
 
     /// Proposes a write; `Outcome::Write` with `token` follows once it is applied here.
     pub fn propose(&mut self, token: Token, op: Op) -> Result<(), NodeError> {
-        if self.writes.len() + self.confs.len() >= self.cfg.max_pending_writes {
+        if self.pending_changes() >= self.cfg.max_pending_writes {
             return Err(NodeError::Overloaded(self.cfg.max_pending_writes));
         }
         let seq = self.next_seq;
@@ -353,7 +450,7 @@ impl<S: LogStore> NodeCore<S> {
         token: Token,
         mut cc: ConfChange,
     ) -> Result<(), NodeError> {
-        if self.writes.len() + self.confs.len() >= self.cfg.max_pending_writes {
+        if self.pending_changes() >= self.cfg.max_pending_writes {
             return Err(NodeError::Overloaded(self.cfg.max_pending_writes));
         }
         let addr = if cc.context.is_empty() {
@@ -378,6 +475,39 @@ impl<S: LogStore> NodeCore<S> {
         Ok(())
     }
 
+    /// Proposes that member `id` now listens for peers at `addr` (`host:port`, at most
+    /// `snapshot::MAX_ADDR_LEN` bytes); `Outcome::PeerAddrChanged` follows once it is applied
+    /// here. Every member records the address when it applies the entry (and its driver dials
+    /// it); the configuration is unchanged, so this needs no membership change.
+    pub fn propose_peer_addr(
+        &mut self,
+        token: Token,
+        id: u64,
+        addr: String,
+    ) -> Result<(), NodeError> {
+        if self.pending_changes() >= self.cfg.max_pending_writes {
+            return Err(NodeError::Overloaded(self.cfg.max_pending_writes));
+        }
+        let e = NodeEntry::PeerAddr { id, addr };
+        entry::validate(&e).map_err(NodeError::Invalid)?;
+        let seq = self.next_seq;
+        let data = Envelope {
+            proposer: self.cfg.proposer,
+            seq,
+            entry: e,
+        }
+        .encode();
+        self.raw.propose(data)?;
+        self.next_seq += 1;
+        self.addr_changes.insert(seq, token);
+        Ok(())
+    }
+
+    /// Writes, membership changes and address changes proposed here and waiting.
+    fn pending_changes(&self) -> usize {
+        self.writes.len() + self.confs.len() + self.addr_changes.len()
+    }
+
     /// Queues a linearizable read; `Outcome::Read` (or `ReadDropped`) follows. Reads queued
     /// between two Readies share one read index (one heartbeat round).
     pub fn read(&mut self, token: Token, req: RangeRequest) -> Result<(), NodeError> {
@@ -394,6 +524,7 @@ impl<S: LogStore> NodeCore<S> {
     pub fn cancel(&mut self, token: Token) {
         self.writes.retain(|_, (t, _)| *t != token);
         self.confs.retain(|_, t| *t != token);
+        self.addr_changes.retain(|_, t| *t != token);
         let before = self.queued_reads();
         self.read_queue.retain(|(t, _)| *t != token);
         for b in self.reads_in_flight.values_mut() {
@@ -467,6 +598,7 @@ impl<S: LogStore> NodeCore<S> {
             return Ok(None);
         }
         self.flush_reads();
+        self.maybe_publish();
         if !self.raw.has_ready() {
             return Ok(None);
         }
@@ -552,10 +684,20 @@ impl<S: LogStore> NodeCore<S> {
         );
         if let Some(snap) = &f.snapshot {
             let (index, _) = snapshot_position(snap);
-            (self.peers, self.kv) = restore(&snap.data)?;
+            (self.peers, self.attrs, self.kv) = restore(&snap.data)?;
             self.applied = index;
             self.last_snapshot = index;
             self.snapshots_installed += 1;
+            if self.cfg.collect_events {
+                self.watch_feed.events.clear();
+                self.watch_feed.reset = true;
+                #[cfg(feature = "bug-injection")]
+                if self.cfg.bugs.watch_feed_ignores_snapshots {
+                    self.watch_feed.reset = false;
+                }
+                self.lease_changes.clear();
+                self.lease_changes.push(LeaseChange::Reset);
+            }
             self.outcomes.push(Outcome::Members {
                 conf_state: self.raw.raft.trk.conf_state(),
                 removed: None,
@@ -590,12 +732,33 @@ impl<S: LogStore> NodeCore<S> {
                 if e.data.is_empty() {
                     return;
                 }
+                // Membership data, never the state machine's (see `entry` for why the first
+                // byte cannot start a command).
+                if entry::is_node_entry(&e.data) {
+                    self.apply_node_entry(&e.data);
+                    return;
+                }
                 // A payload that does not decode was never proposed by a Keel node; every
                 // replica skips it alike, so the state machines stay identical.
                 let Ok(cmd) = Command::decode(&e.data) else {
                     return;
                 };
-                let applied = self.kv.apply(e.index, &cmd);
+                let mut applied = self.kv.apply(e.index, &cmd);
+                if self.cfg.collect_events {
+                    self.watch_feed.events.append(&mut applied.events);
+                    match (&cmd.op, &applied.result) {
+                        (Op::LeaseGrant(_), Ok(Response::LeaseGrant(g))) if !applied.duplicate => {
+                            self.lease_changes.push(LeaseChange::Granted {
+                                id: g.id,
+                                ttl: g.ttl,
+                            });
+                        }
+                        (Op::LeaseRevoke(r), Ok(_)) if !applied.duplicate => {
+                            self.lease_changes.push(LeaseChange::Revoked { id: r.id });
+                        }
+                        _ => {}
+                    }
+                }
                 if let Some(id) = cmd.request_id {
                     if id.proposer == self.cfg.proposer {
                         if let Some((token, _)) = self.writes.remove(&id.seq) {
@@ -623,6 +786,7 @@ impl<S: LogStore> NodeCore<S> {
                     }
                 } else if member(&before) {
                     self.peers.remove(&id);
+                    self.attrs.remove(&id);
                     removed = Some(id);
                 }
                 self.outcomes.push(Outcome::Members {
@@ -639,6 +803,88 @@ impl<S: LogStore> NodeCore<S> {
                 }
             }
         }
+    }
+
+    /// Applies a node entry. Its effect depends only on the entry and on the configuration
+    /// and address book as of this index, so every member ends in the same state.
+    fn apply_node_entry(&mut self, data: &[u8]) {
+        // Like an undecodable command: never proposed by a Keel node, skipped alike.
+        let Ok(env) = Envelope::decode(data) else {
+            return;
+        };
+        let cs = self.raw.raft.trk.conf_state();
+        let member = |id: u64| cs.voters.contains(&id) || cs.learners.contains(&id);
+        match env.entry {
+            NodeEntry::Attributes { id, attrs } => {
+                // A late publish of a removed member must not bring its entry back.
+                if member(id) {
+                    self.attrs.insert(id, attrs);
+                }
+            }
+            NodeEntry::PeerAddr { id, addr } => {
+                let owner = self
+                    .peers
+                    .iter()
+                    .find(|(&o, a)| o != id && **a == addr && member(o))
+                    .map(|(&o, _)| o);
+                let result = if !member(id) {
+                    Err(PeerAddrError::NotMember(id))
+                } else if let Some(owner) = owner {
+                    Err(PeerAddrError::AddressInUse { addr, owner })
+                } else {
+                    self.peers.insert(id, addr);
+                    self.outcomes.push(Outcome::Members {
+                        conf_state: cs.clone(),
+                        removed: None,
+                    });
+                    Ok(cs)
+                };
+                if env.proposer == self.cfg.proposer {
+                    if let Some(token) = self.addr_changes.remove(&env.seq) {
+                        self.outcomes
+                            .push(Outcome::PeerAddrChanged { token, result });
+                    }
+                }
+            }
+        }
+    }
+
+    /// etcd's publish: proposes this member's attributes when the replicated ones differ
+    /// (so a restart with the same name and URLs proposes nothing). Waits until a leader is
+    /// known and this node applied an entry of the current term (the new leader's first at
+    /// least): before that the replicated attributes read here may lag the log, and a
+    /// restarted member would publish again what the log already holds.
+    fn maybe_publish(&mut self) {
+        let Some(mine) = self.cfg.attributes.as_ref() else {
+            return;
+        };
+        let raft = &self.raw.raft;
+        let id = raft.id;
+        if self.publish_wait > 0 || raft.leader_id == 0 || self.attrs.get(&id) == Some(mine) {
+            return;
+        }
+        if !raft.trk.is_voter(id) && !raft.trk.learners.contains(&id) {
+            return;
+        }
+        if raft.raft_log.term(self.applied).ok() != Some(raft.term) {
+            return;
+        }
+        // Sequence 0 is never a waiting request's (they count from 1): nobody waits on a
+        // publish, the comparison above is its answer.
+        let data = Envelope {
+            proposer: self.cfg.proposer,
+            seq: 0,
+            entry: NodeEntry::Attributes {
+                id,
+                attrs: mine.clone(),
+            },
+        }
+        .encode();
+        // Two election timeouts: an election and a commit fit in it, so a publish still in
+        // flight is not doubled, and one lost with its leader is retried soon after.
+        self.publish_wait = 2 * self.cfg.raft.election_tick;
+        // A refusal (a leader transfer under way) is retried like a lost proposal.
+        let _ = self.raw.propose(data);
     }
 
     fn serve_reads(&mut self) {
@@ -665,7 +911,7 @@ impl<S: LogStore> NodeCore<S> {
             return Ok(());
         }
         let cs = self.raw.raft.trk.conf_state();
-        let data = snapshot::encode(&self.peers, &self.kv.snapshot());
+        let data = self.snapshot_data();
         let (index, margin) = (self.applied, self.cfg.compaction_margin);
         if self.cfg.background_snapshots {
             let snap = self
@@ -683,6 +929,20 @@ impl<S: LogStore> NodeCore<S> {
             .map_err(NodeError::Storage)?;
         self.last_snapshot = index;
         Ok(())
+    }
+
+    /// With `collect_events`: what applying changed since the last call (empty when nothing
+    /// did). The caller must take it after every `apply` it wants watchers to see promptly;
+    /// nothing is lost by waiting, but it accumulates meanwhile.
+    pub fn take_watch_feed(&mut self) -> WatchFeed {
+        let mut feed = std::mem::take(&mut self.watch_feed);
+        feed.revision = self.kv.revision();
+        feed
+    }
+
+    /// With `collect_events`: the lease grants and revokes applied since the last call.
+    pub fn take_lease_changes(&mut self) -> Vec<LeaseChange> {
+        std::mem::take(&mut self.lease_changes)
     }
 
     /// With `background_snapshots`: the snapshot to write durably (the store's `SnapStore::save`
@@ -715,13 +975,14 @@ impl<S: LogStore> NodeCore<S> {
     }
 }
 
-/// The address book and state machine a snapshot's data holds.
-fn restore(data: &Bytes) -> Result<(AddressBook, Store), NodeError> {
-    let (peers, kv) = snapshot::decode(data).map_err(NodeError::Snapshot)?;
+/// The address book, attributes and state machine a snapshot's data holds.
+fn restore(data: &Bytes) -> Result<(AddressBook, Attributes, Store), NodeError> {
+    let snapshot::NodeSnapshot { peers, attrs, kv } =
+        snapshot::decode(data).map_err(NodeError::Snapshot)?;
     let kv = if kv.is_empty() {
         Store::new()
     } else {
         Store::restore(&kv).map_err(|e| NodeError::Snapshot(e.to_string()))?
     };
-    Ok((peers, kv))
+    Ok((peers, attrs, kv))
 }

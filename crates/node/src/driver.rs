@@ -35,9 +35,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, Token};
+use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, PeerAddrError, Token, WatchFeed};
+use crate::lessor::{LeaseChange, Lessor};
 use crate::metrics::Metrics;
-use crate::snapshot::{self, AddressBook};
+use crate::snapshot::{self, AddressBook, Attributes, MemberAttrs};
+use crate::watch::{read_history, History, HistoryError, WatchHub};
 
 /// Inputs the Raft thread handles before it takes a Ready. Every input taken before a Ready is
 /// covered by that Ready's single fsync (group commit), so a larger batch means fewer syncs
@@ -62,6 +64,11 @@ const MAX_TRANSFERS: usize = 16;
 /// A Ready whose fsync takes longer is logged as a warning: at that latency every write waits
 /// and heartbeats are late, so an operator wants to know about the disk.
 const SLOW_FSYNC: Duration = Duration::from_millis(500);
+
+/// Snapshot streams (`NodeHandle::snapshot_data`) held at once. Each holds a whole copy of the
+/// state in memory until its reader is done, and a slow reader can take long: one at a time
+/// bounds that memory to one extra copy of the state.
+const MAX_SNAPSHOT_STREAMS: usize = 1;
 
 /// The boot counter, in the data dir; see [`next_boot`].
 const BOOT_FILE: &str = "boot";
@@ -97,6 +104,12 @@ pub struct DriverConfig {
     /// `Overloaded` at once. Requests the core holds are bounded separately by its
     /// `max_pending_writes` and `max_pending_reads`.
     pub max_queued_requests: usize,
+    /// This member's name and the URLs clients reach it at, published through Raft (etcd's
+    /// `publish`) so every member lists them. Both empty: nothing is published, and the member
+    /// shows as never started. Bounded by `snapshot::MAX_NAME_LEN`, `MAX_CLIENT_URLS` and
+    /// `MAX_URL_LEN`.
+    pub name: String,
+    pub client_urls: Vec<String>,
 }
 
 impl DriverConfig {
@@ -114,7 +127,18 @@ impl DriverConfig {
             snapshot_count: 10_000,
             request_timeout: Duration::from_secs(5),
             max_queued_requests: 1024,
+            name: String::new(),
+            client_urls: Vec::new(),
         }
+    }
+
+    /// What this member publishes about itself, if anything.
+    fn attributes(&self) -> Option<MemberAttrs> {
+        let a = MemberAttrs {
+            name: self.name.clone(),
+            client_urls: self.client_urls.clone(),
+        };
+        (!a.is_empty()).then_some(a)
     }
 
     fn validate(&self) -> Result<(), DriverError> {
@@ -139,6 +163,9 @@ impl DriverConfig {
                 return Err(DriverError::Config(format!("peer {id}: {e}")));
             }
         }
+        if let Some(a) = self.attributes() {
+            a.validate().map_err(DriverError::Config)?;
+        }
         Ok(())
     }
 }
@@ -148,6 +175,10 @@ pub enum DriverError {
     /// No leader is known (an election is under way); retry shortly.
     #[error("no leader; retry later")]
     NoLeader,
+    /// The leader is handing leadership over and refused the request before proposing it;
+    /// retry shortly (it was not applied).
+    #[error("leader changed; retry later")]
+    LeaderChanged,
     /// The core refused the request (leader transfer, uncommitted-size limit, this node is not
     /// a member, a refused membership change).
     #[error("refused: {0}")]
@@ -187,6 +218,9 @@ pub enum DriverError {
     /// Only the leader can do this; `0` when no leader is known.
     #[error("not the leader (leader is {0})")]
     NotLeader(u64),
+    /// A resource held one at a time is taken (a snapshot stream); retry once it is free.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 pub type Result<T, E = DriverError> = std::result::Result<T, E>;
@@ -210,7 +244,8 @@ pub struct Status {
     pub learners: Vec<u64>,
     /// Voters and learners, in id order.
     pub members: Vec<MemberStatus>,
-    /// The leader's peer address, when known.
+    /// The leader's peer address, when known. Its client URLs are in its `members` entry
+    /// (see `leader_client_urls`).
     pub leader_addr: Option<String>,
     /// Bytes of write-ahead log on disk.
     pub wal_bytes: u64,
@@ -218,14 +253,52 @@ pub struct Status {
     pub pending_requests: usize,
 }
 
+impl Status {
+    /// The client URLs the leader published; empty when no leader is known or it has not
+    /// published (yet). For layers that must reach the leader's client API (forwarding).
+    pub fn leader_client_urls(&self) -> &[String] {
+        self.members
+            .iter()
+            .find(|m| self.leader != 0 && m.id == self.leader)
+            .map_or(&[], |m| &m.client_urls[..])
+    }
+}
+
+/// A lease as its leader sees it (etcd's `LeaseTimeToLiveResponse`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseTtl {
+    pub id: i64,
+    /// Seconds left by the leader's clock, rounded up.
+    pub ttl: i64,
+    pub granted_ttl: i64,
+    /// Attached keys, in key order, when asked for.
+    pub keys: Vec<Bytes>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberStatus {
     pub id: u64,
     pub peer_url: Option<String>,
+    /// What the member published (etcd's name and client URLs), as replicated; both empty
+    /// for a member that never started (or has not published since being added).
+    pub name: String,
+    pub client_urls: Vec<String>,
     pub learner: bool,
     /// Replication progress; known only on the leader (0 elsewhere).
     pub matched: u64,
     pub next: u64,
+}
+
+/// A consistent copy of this node's state, the bytes a Raft snapshot of it would carry
+/// (`snapshot::encode`: address book, attributes, state machine), for Maintenance.Snapshot.
+/// Holds one of the `MAX_SNAPSHOT_STREAMS` slots until dropped.
+#[derive(Debug)]
+pub struct SnapshotData {
+    pub data: Bytes,
+    /// The log index and store revision the data is at.
+    pub applied: u64,
+    pub revision: i64,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A hash of the state machine at a revision (etcd's HashKV), for comparing members.
@@ -268,6 +341,17 @@ enum Input {
     Status {
         reply: oneshot::Sender<Status>,
     },
+    /// Member `id`'s new peer address (`host:port`), through a node entry.
+    PeerAddr {
+        id: u64,
+        addr: String,
+        deadline: Instant,
+        reply: Reply<ConfState>,
+    },
+    /// This node's state encoded as a snapshot holds it: (data, applied index, revision).
+    SnapshotData {
+        reply: Reply<(Bytes, u64, i64)>,
+    },
     /// A serializable read of the local state.
     ReadLocal {
         range: RangeRequest,
@@ -276,6 +360,28 @@ enum Input {
     Hash {
         revision: i64,
         reply: Reply<HashInfo>,
+    },
+    /// A keep-alive, served by the leader's lease clock.
+    LeaseRenew {
+        id: i64,
+        reply: Reply<Option<i64>>,
+    },
+    /// A lease's remaining TTL by the leader's clock, and optionally its keys.
+    LeaseTimeToLive {
+        id: i64,
+        keys: bool,
+        reply: Reply<Option<LeaseTtl>>,
+    },
+    /// Every lease in the local store.
+    Leases {
+        reply: oneshot::Sender<Vec<keel_kv::LeaseInfo>>,
+    },
+    /// A slice of history for a watcher catching up (see `watch::read_history`).
+    History {
+        start: i64,
+        key: Bytes,
+        range_end: Bytes,
+        reply: oneshot::Sender<std::result::Result<History, HistoryError>>,
     },
     Transfer {
         to: u64,
@@ -357,6 +463,11 @@ struct RaftLoop {
     /// inputs are stepped as well as during a Ready, so the counter follows this rather than
     /// the difference across one Ready.
     counted_commit: u64,
+    hub: WatchHub,
+    /// Deadlines of leases, kept while this node leads.
+    lessor: Lessor,
+    /// What a new leader adds to every lease it inherits (see `lessor`).
+    election_timeout: Duration,
 }
 
 fn refusal(e: NodeError) -> DriverError {
@@ -364,6 +475,9 @@ fn refusal(e: NodeError) -> DriverError {
         NodeError::Overloaded(_) => DriverError::Overloaded,
         NodeError::Raft(keel_raft::Error::ProposalDropped(DropReason::NoLeader)) => {
             DriverError::NoLeader
+        }
+        NodeError::Raft(keel_raft::Error::ProposalDropped(DropReason::LeaderTransferring)) => {
+            DriverError::LeaderChanged
         }
         NodeError::Raft(keel_raft::Error::ConfChangeRefused(why)) => DriverError::Conflict(why),
         NodeError::Invalid(why) => DriverError::Invalid(why),
@@ -430,7 +544,9 @@ impl RaftLoop {
         match input {
             Input::Tick => {
                 self.core.tick();
-                self.expire(Instant::now());
+                let now = Instant::now();
+                self.expire(now);
+                self.revoke_expired(now)?;
             }
             Input::ReadLocal { range, reply } => {
                 let _ = reply.send(self.core.kv().range(&range).map_err(DriverError::Kv));
@@ -447,6 +563,45 @@ impl RaftLoop {
                     })
                     .map_err(DriverError::Kv);
                 let _ = reply.send(answer);
+            }
+            Input::LeaseRenew { id, reply } => {
+                let answer = if self.lessor.is_primary() {
+                    Ok(self.lessor.renew(Instant::now(), id))
+                } else {
+                    Err(self.not_leader())
+                };
+                let _ = reply.send(answer);
+            }
+            Input::LeaseTimeToLive { id, keys, reply } => {
+                let answer = if self.lessor.is_primary() {
+                    let kv = self.core.kv();
+                    Ok(kv.lease(id).map(|l| LeaseTtl {
+                        id,
+                        // A lease the clock does not hold yet (its grant is applied here but
+                        // the change not taken) has its whole TTL ahead.
+                        ttl: self.lessor.remaining(Instant::now(), id).unwrap_or(l.ttl),
+                        granted_ttl: l.granted_ttl,
+                        keys: if keys {
+                            kv.lease_keys(id).unwrap_or_default()
+                        } else {
+                            Vec::new()
+                        },
+                    }))
+                } else {
+                    Err(self.not_leader())
+                };
+                let _ = reply.send(answer);
+            }
+            Input::Leases { reply } => {
+                let _ = reply.send(self.core.kv().leases());
+            }
+            Input::History {
+                start,
+                key,
+                range_end,
+                reply,
+            } => {
+                let _ = reply.send(read_history(self.core.kv(), start, &key, &range_end));
             }
             Input::Transfer {
                 to,
@@ -520,6 +675,26 @@ impl RaftLoop {
             Input::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Input::PeerAddr {
+                id,
+                addr,
+                deadline,
+                reply,
+            } => {
+                if let Err(e) = self.check_peer_addr(id, &addr) {
+                    let _ = reply.send(Err(e));
+                    return Ok(true);
+                }
+                let token = self.token();
+                let r = self.core.propose_peer_addr(token, id, addr);
+                self.admit(token, deadline, Waiter::Conf(reply), r)?;
+            }
+            Input::SnapshotData { reply } => {
+                // Encoded here, between two Readies, so the copy is of one applied index.
+                let data = self.core.snapshot_data();
+                let answer = (data, self.core.applied(), self.core.kv().revision());
+                let _ = reply.send(Ok(answer));
+            }
             Input::SnapshotSaved { snap, result, took } => {
                 let index = keel_raft::storage::snapshot_position(&snap).0;
                 // A snapshot that could not be written leaves the disk in an unknown state,
@@ -562,6 +737,66 @@ impl RaftLoop {
                 Ok(())
             }
         }
+    }
+
+    /// The leader proposes the revoke of every lease its clock says is due (a bounded number
+    /// per tick). A revoke that fails to propose is tried again on a later tick.
+    fn revoke_expired(&mut self, now: Instant) -> Result<(), NodeError> {
+        if !self.lessor.is_primary() {
+            return Ok(());
+        }
+        for id in self.lessor.expired(now) {
+            let token = self.token();
+            match self
+                .core
+                .propose(token, Op::LeaseRevoke(keel_kv::LeaseRevokeRequest { id }))
+            {
+                Ok(()) => {
+                    self.metrics.leases_expired.inc();
+                    // Nobody waits for the answer: the core forgets the token once applied.
+                    debug!(node = self.id, lease = id, "lease expired; revoke proposed");
+                }
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => debug!(node = self.id, lease = id, "lease revoke not proposed: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn not_leader(&self) -> DriverError {
+        match self.core.raw().raft.leader_id {
+            0 => DriverError::NoLeader,
+            l => DriverError::NotLeader(l),
+        }
+    }
+
+    /// The lease clock follows leadership and what the store applied.
+    fn follow_leases(&mut self) {
+        let now = Instant::now();
+        let raft = &self.core.raw().raft;
+        let leader = raft.role == StateRole::Leader;
+        if leader && !self.lessor.is_primary() {
+            let leases = self.core.kv().leases();
+            info!(
+                node = self.id,
+                "lease clock started for {} leases, each extended by {} ms",
+                leases.len(),
+                self.election_timeout.as_millis()
+            );
+            self.lessor.promote(now, &leases, self.election_timeout);
+            // Grants applied before this moment are in the store already.
+            self.core.take_lease_changes();
+        } else if !leader && self.lessor.is_primary() {
+            self.lessor.demote();
+        }
+        for change in self.core.take_lease_changes() {
+            let leases = match change {
+                LeaseChange::Reset => self.core.kv().leases(),
+                _ => Vec::new(),
+            };
+            self.lessor.applied(now, change, &leases);
+        }
+        self.metrics.leases.set(self.core.kv().lease_count() as i64);
     }
 
     /// Answers requests past their deadline, and forgets those whose caller went away, so
@@ -621,6 +856,26 @@ impl RaftLoop {
                 Ok(())
             }
         }
+    }
+
+    /// Refuses an address change that cannot succeed, as `check_conf_change` does; applying
+    /// it checks the same against the log's view, for a change committed meanwhile.
+    fn check_peer_addr(&self, id: u64, addr: &str) -> Result<()> {
+        let cs = self.core.raw().raft.trk.conf_state();
+        let member = |id: u64| cs.voters.contains(&id) || cs.learners.contains(&id);
+        if !member(id) {
+            return Err(DriverError::UnknownMember(id));
+        }
+        let taken = self
+            .core
+            .peers()
+            .iter()
+            .any(|(&o, a)| o != id && a == addr && member(o));
+        if taken {
+            // etcd's words: clients match on them.
+            return Err(DriverError::Conflict("Peer URLs already exists".into()));
+        }
+        Ok(())
     }
 
     fn transfer(&mut self, to: u64, deadline: Instant, reply: Reply<u64>) {
@@ -741,6 +996,10 @@ impl RaftLoop {
             self.send(after_sync);
             self.core.apply()?;
         }
+        // Before the answers: a client that sees its write acknowledged and then asks a watcher
+        // on this node for the current revision finds the write's events already published.
+        self.hub.publish(self.core.take_watch_feed());
+        self.follow_leases();
         for o in self.core.take_outcomes() {
             self.deliver(o);
         }
@@ -830,6 +1089,7 @@ impl RaftLoop {
             Outcome::Read { token, result } => (token, Answer::Read(result.map(Some))),
             Outcome::ReadDropped { token } => (token, Answer::Read(Ok(None))),
             Outcome::ConfChange { token, conf_state } => (token, Answer::Conf(conf_state)),
+            Outcome::PeerAddrChanged { token, result } => (token, Answer::PeerAddr(result)),
         };
         // Absent when the request timed out; the core forgot it then, so this is a late
         // answer from an outcome produced in the same Ready.
@@ -846,6 +1106,15 @@ impl RaftLoop {
             }
             (Waiter::Conf(r), Answer::Conf(cs)) => {
                 let _ = r.send(Ok(cs));
+            }
+            (Waiter::Conf(r), Answer::PeerAddr(res)) => {
+                let _ = r.send(res.map_err(|e| match e {
+                    PeerAddrError::NotMember(id) => DriverError::UnknownMember(id),
+                    PeerAddrError::AddressInUse { addr, owner } => {
+                        info!(node = self.id, "{addr} was taken by member {owner} first");
+                        DriverError::Conflict("Peer URLs already exists".into())
+                    }
+                }));
             }
             (w, _) => {
                 // Tokens are unique per request, so the core answered a token with another
@@ -870,6 +1139,7 @@ impl RaftLoop {
                 .cloned()
         };
         let leading = raft.role == StateRole::Leader;
+        let attrs = self.core.attributes();
         let mut members: Vec<MemberStatus> = cs
             .voters
             .iter()
@@ -880,9 +1150,12 @@ impl RaftLoop {
                     Some(p) if leading => (p.matched, p.next_idx),
                     _ => (0, 0),
                 };
+                let a = attrs.get(&id).cloned().unwrap_or_default();
                 MemberStatus {
                     id,
                     peer_url: url(id),
+                    name: a.name,
+                    client_urls: a.client_urls,
                     learner,
                     matched,
                     next,
@@ -914,6 +1187,7 @@ enum Answer {
     Write(Result<Response, keel_kv::Error>),
     Read(Result<Option<RangeResponse>, keel_kv::Error>),
     Conf(ConfState),
+    PeerAddr(std::result::Result<ConfState, PeerAddrError>),
 }
 
 fn log_role(id: u64, role: StateRole, term: u64, leader: u64) {
@@ -1001,7 +1275,7 @@ pub fn peer_addr(url: &str) -> Result<String, String> {
 /// address book, instead of replaying a log that lacks the initial configuration.
 fn bootstrap_snapshot(voters: &[u64], book: &AddressBook) -> Snapshot {
     Snapshot {
-        data: snapshot::encode(book, &[]),
+        data: snapshot::encode(book, &Attributes::new(), &[]),
         metadata: Some(SnapshotMetadata {
             conf_state: Some(ConfState {
                 voters: voters.to_vec(),
@@ -1053,6 +1327,8 @@ fn open_core(cfg: &DriverConfig, book: &AddressBook) -> Result<(NodeCore<WalStor
     nc.snapshot_count = cfg.snapshot_count;
     nc.compaction_margin = nc.compaction_margin.min(cfg.snapshot_count);
     nc.background_snapshots = true;
+    nc.attributes = cfg.attributes();
+    nc.collect_events = true;
     let core = NodeCore::new(nc, store).map_err(|e| match e {
         NodeError::Config(s) => DriverError::Config(s),
         NodeError::Raft(keel_raft::Error::ConfigInvalid(s)) => DriverError::Config(s),
@@ -1111,12 +1387,16 @@ struct Shared {
     id: u64,
     local_addr: SocketAddr,
     tick_interval: Duration,
+    election_tick: usize,
     request_timeout: Duration,
     max_queued_requests: usize,
+    /// `MAX_SNAPSHOT_STREAMS` permits, one per `SnapshotData` alive.
+    snapshot_slots: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     /// Client inputs in the channel. Invariant: at most `max_queued_requests` once a
     /// `submit` that overshot has undone its increment.
     queued: Arc<AtomicUsize>,
+    hub: WatchHub,
     parts: tokio::sync::Mutex<Option<Parts>>,
 }
 
@@ -1162,6 +1442,7 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
     let (tx, rx) = mpsc::channel(cfg.max_queued_requests + INTERNAL_HEADROOM);
     let queued = Arc::new(AtomicUsize::new(0));
     let metrics = Arc::new(Metrics::new());
+    let hub = WatchHub::new();
     // Entries committed before this start were counted by an earlier process.
     let counted_commit = core.raw().raft.raft_log.committed;
     let raft_loop = RaftLoop {
@@ -1177,6 +1458,9 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
         last_leader: 0,
         counted_commit,
         self_tx: tx.downgrade(),
+        hub: hub.clone(),
+        lessor: Lessor::default(),
+        election_timeout: cfg.tick_interval * cfg.election_tick as u32,
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -1198,10 +1482,13 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
             id: cfg.id,
             local_addr,
             tick_interval: cfg.tick_interval,
+            election_tick: cfg.election_tick,
             request_timeout: cfg.request_timeout,
             max_queued_requests: cfg.max_queued_requests,
+            snapshot_slots: Arc::new(tokio::sync::Semaphore::new(MAX_SNAPSHOT_STREAMS)),
             queued,
             metrics,
+            hub,
             parts: tokio::sync::Mutex::new(Some(Parts {
                 thread,
                 done: done_rx,
@@ -1372,6 +1659,44 @@ impl NodeHandle {
         self.conf_change(cc, None).await
     }
 
+    /// Moves member `id`'s peer address to `url` (`host:port` or `http://host:port`; etcd's
+    /// MemberUpdate) and waits until the change is applied here; returns the configuration.
+    /// Every member records the new address when it applies the change and dials it from then
+    /// on; the member itself must be (re)started listening there.
+    pub async fn update_peer_addr(&self, id: u64, url: &str) -> Result<ConfState> {
+        let addr = peer_addr(url).map_err(DriverError::Invalid)?;
+        let deadline = self.deadline();
+        self.call(deadline, |reply| Input::PeerAddr {
+            id,
+            addr,
+            deadline,
+            reply,
+        })
+        .await
+    }
+
+    /// A consistent copy of this node's state (see [`SnapshotData`]). At most
+    /// `MAX_SNAPSHOT_STREAMS` are alive at once; past that, `Busy` at once.
+    pub async fn snapshot_data(&self) -> Result<SnapshotData> {
+        let slot = self
+            .shared
+            .snapshot_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                DriverError::Busy("a snapshot is already being sent from this member".into())
+            })?;
+        let (data, applied, revision) = self
+            .call(self.deadline(), |reply| Input::SnapshotData { reply })
+            .await?;
+        Ok(SnapshotData {
+            data,
+            applied,
+            revision,
+            _slot: slot,
+        })
+    }
+
     /// Hands leadership to `to` (0: the most caught-up other voter) and waits until it leads;
     /// returns the new leader. `to = 0` must be asked of the leader.
     pub async fn transfer_leader(&self, to: u64) -> Result<u64> {
@@ -1414,6 +1739,101 @@ impl NodeHandle {
     /// response headers that carry the term on every answer; may lag by one Ready.
     pub fn term(&self) -> u64 {
         self.shared.metrics.term.get().max(0) as u64
+    }
+
+    /// Grants a lease of `ttl` seconds (0 for `id`: the store picks one). A TTL below the
+    /// minimum is raised to it, as etcd does: a lease must outlive an election, or a leader
+    /// change alone would expire it.
+    pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<keel_kv::LeaseGrantResponse> {
+        let ttl = ttl.max(self.min_lease_ttl());
+        match self
+            .propose(Op::LeaseGrant(keel_kv::LeaseGrantRequest { id, ttl }))
+            .await?
+        {
+            Response::LeaseGrant(g) => Ok(g),
+            other => Err(DriverError::Refused(format!(
+                "internal: a lease grant answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// How long a request may wait for its answer.
+    pub fn request_timeout(&self) -> Duration {
+        self.shared.request_timeout
+    }
+
+    /// etcd's `minTTL`: 1.5 election timeouts, in whole seconds rounded up.
+    pub fn min_lease_ttl(&self) -> i64 {
+        let election = self.shared.tick_interval * self.shared.election_tick as u32;
+        let ms = election.as_millis() as i64 * 3 / 2;
+        (ms + 999) / 1000
+    }
+
+    /// Revokes a lease, deleting its keys at one revision.
+    pub async fn lease_revoke(&self, id: i64) -> Result<i64> {
+        match self
+            .propose(Op::LeaseRevoke(keel_kv::LeaseRevokeRequest { id }))
+            .await?
+        {
+            Response::LeaseRevoke(r) => Ok(r.revision),
+            other => Err(DriverError::Refused(format!(
+                "internal: a lease revoke answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// A keep-alive on the leader: the lease's TTL from now, or `None` for a lease that is
+    /// unknown or already due. `NotLeader` on a follower: the caller forwards it.
+    pub async fn lease_renew(&self, id: i64) -> Result<Option<i64>> {
+        self.call(self.deadline(), |reply| Input::LeaseRenew { id, reply })
+            .await
+    }
+
+    /// A lease's remaining TTL on the leader (`None`: unknown). `NotLeader` on a follower.
+    pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<Option<LeaseTtl>> {
+        self.call(self.deadline(), |reply| Input::LeaseTimeToLive {
+            id,
+            keys,
+            reply,
+        })
+        .await
+    }
+
+    /// Every lease in this node's store.
+    pub async fn leases(&self) -> Result<Vec<keel_kv::LeaseInfo>> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::Leases { reply })?;
+        match tokio::time::timeout(self.shared.request_timeout, answer).await {
+            Ok(Ok(l)) => Ok(l),
+            Ok(Err(_)) => Err(DriverError::Stopped),
+            Err(_) => Err(DriverError::Timeout),
+        }
+    }
+
+    /// Every change this node applies from now on (see [`crate::watch`]).
+    pub fn subscribe_watch(&self) -> tokio::sync::broadcast::Receiver<Arc<WatchFeed>> {
+        self.shared.hub.subscribe()
+    }
+
+    /// A slice of the local store's history from `start`, for a watcher catching up.
+    pub async fn history(
+        &self,
+        start: i64,
+        key: Bytes,
+        range_end: Bytes,
+    ) -> Result<std::result::Result<History, HistoryError>> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::History {
+            start,
+            key,
+            range_end,
+            reply,
+        })?;
+        match tokio::time::timeout(self.shared.request_timeout, answer).await {
+            Ok(Ok(h)) => Ok(h),
+            Ok(Err(_)) => Err(DriverError::Stopped),
+            Err(_) => Err(DriverError::Timeout),
+        }
     }
 
     /// The node's metrics in Prometheus text format.

@@ -8,9 +8,14 @@
 pub mod compactor;
 pub mod core;
 pub mod driver;
+pub mod entry;
+pub mod lessor;
 pub mod log_store;
 pub mod metrics;
 pub mod snapshot;
+pub mod watch;
 
-pub use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, Outgoing, Token};
+#[cfg(feature = "bug-injection")]
+pub use crate::core::InjectedBugs;
+pub use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, Outgoing, Token, WatchFeed};
 pub use crate::log_store::LogStore;

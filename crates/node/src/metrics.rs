@@ -25,6 +25,8 @@ pub struct Metrics {
     pub commit_index: Gauge,
     pub applied_index: Gauge,
     pub wal_bytes: Gauge,
+    pub leases: Gauge,
+    pub leases_expired: Counter,
 }
 
 impl Default for Metrics {
@@ -92,6 +94,12 @@ impl Metrics {
             "wal_bytes",
             "Bytes of write-ahead log on disk",
         );
+        let leases = gauge(&mut registry, "leases", "Leases in this node's store");
+        let leases_expired = counter(
+            &mut registry,
+            "leases_expired",
+            "Revokes this node proposed as leader for leases past their TTL",
+        );
         Metrics {
             registry,
             proposals,
@@ -110,6 +118,8 @@ impl Metrics {
             commit_index,
             applied_index,
             wal_bytes,
+            leases,
+            leases_expired,
         }
     }
 

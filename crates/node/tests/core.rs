@@ -5,8 +5,10 @@
 
 use bytes::Bytes;
 use keel_kv::{Op, PutRequest, RangeRequest, Response};
+use keel_node::core::PeerAddrError;
+use keel_node::snapshot::MemberAttrs;
 use keel_node::{NodeConfig, NodeCore, NodeError, Outcome};
-use keel_proto::raftpb::{ConfState, Message, MessageType};
+use keel_proto::raftpb::{ConfChange, ConfChangeType, ConfState, Message, MessageType};
 use keel_raft::StateRole;
 use keel_wal::{MemFs, StorageOptions, WalStorage};
 use std::collections::{BTreeMap, VecDeque};
@@ -99,6 +101,28 @@ impl Cluster {
             }
         }
         panic!("cluster did not stabilize");
+    }
+
+    /// Restarts node `id` from its disk with `cfg` (a new proposer id, as a new process has).
+    fn reopen(&mut self, id: u64, mut cfg: NodeConfig) {
+        drop(self.nodes.remove(&id));
+        let store = WalStorage::open(
+            Arc::new(self.disks[&id].clone()),
+            Path::new(DIR),
+            StorageOptions::new(id, CLUSTER),
+        )
+        .unwrap();
+        self.boots += 1;
+        cfg.proposer = self.boots;
+        self.nodes.insert(id, NodeCore::new(cfg, store).unwrap());
+    }
+
+    /// Heartbeat rounds from `leader`, so restarted members learn who leads.
+    fn heartbeats(&mut self, leader: u64) {
+        for _ in 0..3 {
+            self.node(leader).tick();
+            self.stabilize();
+        }
     }
 
     fn elect(&mut self, id: u64) {
@@ -441,4 +465,170 @@ fn concurrent_reads_from_different_nodes_are_all_answered() {
         assert_eq!(got.len(), 1, "node {id}: {got:?}");
         assert_eq!(read_value(&got[0]), Some(Bytes::from_static(b"1")));
     }
+}
+
+fn attrs(id: u64, port: u16) -> MemberAttrs {
+    MemberAttrs {
+        name: format!("infra{id}"),
+        client_urls: vec![format!("http://127.0.0.1:{port}")],
+    }
+}
+
+fn publishing(id: u64, port: u16) -> NodeConfig {
+    let mut cfg = config(id, 0);
+    cfg.attributes = Some(attrs(id, port));
+    cfg
+}
+
+/// Node entries (tagged 0xFF) in the log of `n`.
+fn node_entries(n: &NodeCore<WalStorage>) -> usize {
+    let raft = &n.raw().raft;
+    let log = &raft.raft_log;
+    log.entries(log.first_index(), u64::MAX)
+        .unwrap()
+        .iter()
+        .filter(|e| keel_node::entry::is_node_entry(&e.data))
+        .count()
+}
+
+/// etcd's publish: each member proposes its name and client URLs once it follows a leader,
+/// every member holds all of them; a restart with the same attributes proposes nothing, and
+/// one with a changed URL proposes again.
+#[test]
+fn members_publish_their_attributes_and_again_only_when_they_change() {
+    let mut c = Cluster::new(3);
+    for id in 1..=3 {
+        c.reopen(id, publishing(id, 2379 + id as u16));
+    }
+    c.elect(1);
+    let want: Vec<(u64, MemberAttrs)> = (1..=3)
+        .map(|id| (id, attrs(id, 2379 + id as u16)))
+        .collect();
+    for (id, n) in &c.nodes {
+        let got: Vec<(u64, MemberAttrs)> = n
+            .attributes()
+            .iter()
+            .map(|(&i, a)| (i, a.clone()))
+            .collect();
+        assert_eq!(got, want, "node {id}");
+    }
+    assert_eq!(node_entries(&c.nodes[&1]), 3);
+    // The state machine saw none of them: no revision was spent.
+    assert_eq!(c.nodes[&1].kv().revision(), 1);
+
+    c.reopen(2, publishing(2, 2381));
+    c.heartbeats(1);
+    assert_eq!(c.nodes[&2].raw().raft.leader_id, 1);
+    assert_eq!(
+        node_entries(&c.nodes[&1]),
+        3,
+        "a restart with the same attributes"
+    );
+
+    c.reopen(2, publishing(2, 9999));
+    c.heartbeats(1);
+    assert_eq!(
+        node_entries(&c.nodes[&1]),
+        4,
+        "a changed client URL is published"
+    );
+    for (id, n) in &c.nodes {
+        assert_eq!(n.attributes()[&2], attrs(2, 9999), "node {id}");
+    }
+}
+
+/// Attributes are part of the replicated state: carried by snapshots (a member restored from
+/// one knows them before replaying anything) and dropped with the member.
+#[test]
+fn attributes_travel_in_snapshots_and_leave_with_their_member() {
+    let mut c = Cluster::new(3);
+    for id in 1..=3 {
+        c.reopen(id, publishing(id, 2379 + id as u16));
+    }
+    c.elect(1);
+    for i in 0..30u64 {
+        c.node(1).propose(i, put(&format!("k{i}"), "v")).unwrap();
+        c.stabilize();
+    }
+    // Past snapshot_count (8) and the compaction margin: the publishes are only in snapshots.
+    assert_eq!(node_entries(&c.nodes[&3]), 0);
+    c.reopen(3, config(3, 0));
+    assert_eq!(
+        c.nodes[&3].attributes().len(),
+        3,
+        "restored from the snapshot"
+    );
+    assert_eq!(c.nodes[&3].attributes()[&1], attrs(1, 2380));
+    let snap = keel_node::snapshot::decode(&c.nodes[&3].snapshot_data()).unwrap();
+    assert_eq!(&snap.attrs, c.nodes[&3].attributes());
+
+    let mut cc = ConfChange {
+        node_id: 3,
+        ..Default::default()
+    };
+    cc.set_change_type(ConfChangeType::RemoveNode);
+    c.node(1).propose_conf_change(7, cc).unwrap();
+    c.stabilize();
+    for id in [1, 2] {
+        let ids: Vec<u64> = c.nodes[&id].attributes().keys().copied().collect();
+        assert_eq!(ids, vec![1, 2], "node {id}");
+    }
+}
+
+/// etcd's MemberUpdate through a node entry: every member records the new address and is told
+/// (`Members`, so its driver dials it); the proposer is answered. Applying refuses a change
+/// for a non-member or to an address another member has, alike on every member.
+#[test]
+fn peer_address_changes_apply_everywhere_and_refuse_races() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    c.take(1);
+    c.take(2);
+    c.node(2)
+        .propose_peer_addr(5, 3, "10.0.0.3:2380".into())
+        .unwrap();
+    c.stabilize();
+    let got = c.take(2);
+    assert!(
+        got.iter().any(|o| matches!(
+            o,
+            Outcome::PeerAddrChanged { token: 5, result: Ok(cs) } if cs.voters == vec![1, 2, 3]
+        )),
+        "{got:?}"
+    );
+    for (id, n) in &c.nodes {
+        assert_eq!(n.peers()[&3], "10.0.0.3:2380", "node {id}");
+    }
+    assert!(c
+        .take(1)
+        .iter()
+        .any(|o| matches!(o, Outcome::Members { removed: None, .. })));
+
+    c.node(1)
+        .propose_peer_addr(6, 2, "10.0.0.3:2380".into())
+        .unwrap();
+    c.node(1)
+        .propose_peer_addr(7, 9, "10.0.0.9:2380".into())
+        .unwrap();
+    c.stabilize();
+    let got = c.take(1);
+    assert!(got.contains(&Outcome::PeerAddrChanged {
+        token: 6,
+        result: Err(PeerAddrError::AddressInUse {
+            addr: "10.0.0.3:2380".into(),
+            owner: 3
+        })
+    }));
+    assert!(got.contains(&Outcome::PeerAddrChanged {
+        token: 7,
+        result: Err(PeerAddrError::NotMember(9))
+    }));
+    for (id, n) in &c.nodes {
+        assert!(!n.peers().contains_key(&2), "node {id}");
+        assert!(!n.peers().contains_key(&9), "node {id}");
+    }
+    assert!(matches!(
+        c.node(1).propose_peer_addr(8, 2, String::new()),
+        Err(NodeError::Invalid(_))
+    ));
 }

@@ -11,10 +11,10 @@ use crate::rng::Rng;
 use crate::Fnv;
 use bytes::Bytes;
 use keel_kv::{
-    Compare, CompareResult, CompareTarget, Op as KvOp, PutRequest, RangeRequest, RequestOp,
+    Compare, CompareResult, CompareTarget, Event, Op as KvOp, PutRequest, RangeRequest, RequestOp,
     Response, TxnRequest,
 };
-use keel_node::{NodeConfig, NodeCore, Outcome};
+use keel_node::{NodeConfig, NodeCore, Outcome, WatchFeed};
 use keel_raft::raftpb::ConfState;
 use keel_raft::raftpb::{ConfChange, ConfChangeType, Message};
 use keel_raft::storage::snapshot_position;
@@ -64,6 +64,8 @@ pub struct Options {
     pub trace: bool,
     #[cfg(feature = "bug-injection")]
     pub bugs: keel_raft::InjectedBugs,
+    #[cfg(feature = "bug-injection")]
+    pub node_bugs: keel_node::InjectedBugs,
 }
 
 impl Options {
@@ -84,6 +86,8 @@ impl Options {
             trace: false,
             #[cfg(feature = "bug-injection")]
             bugs: Default::default(),
+            #[cfg(feature = "bug-injection")]
+            node_bugs: Default::default(),
         }
     }
 }
@@ -237,6 +241,8 @@ struct Node {
     tokens: HashMap<u64, OpId>,
     /// Commit index up to which entries were reported to the checker as committed.
     last_commit_checked: u64,
+    /// The store revision the node's watch feed has reached: the next feed must go on from it.
+    watch_rev: i64,
 }
 
 struct Client {
@@ -264,6 +270,9 @@ pub struct Sim {
     trace: Fnv,
     pub stats: Stats,
     checker: Checker,
+    /// The events of every revision, as the first node to apply it published them: every other
+    /// node's watch feed must carry the same.
+    events_at: BTreeMap<i64, Vec<Event>>,
 }
 
 impl Sim {
@@ -300,6 +309,7 @@ impl Sim {
                 slow_clock: false,
                 tokens: HashMap::new(),
                 last_commit_checked: 0,
+                watch_rev: 1,
             };
             nodes.insert(id, n);
         }
@@ -326,6 +336,7 @@ impl Sim {
             trace: Fnv::default(),
             stats: Stats::default(),
             checker: Checker::default(),
+            events_at: BTreeMap::new(),
         };
         sim.schedule(TICK, Ev::Tick);
         for c in 0..sim.clients.len() {
@@ -804,6 +815,7 @@ impl Sim {
             }
         };
         let snap_index = core.last_snapshot();
+        n.watch_rev = core.kv().revision();
         n.core = Some(core);
         self.log(|| format!("restart {id} from snapshot {snap_index}"));
         // Committed entries after the snapshot are re-applied through Ready.
@@ -1065,7 +1077,80 @@ impl Sim {
         if installed.is_none() && core.last_snapshot() > before {
             self.stats.snapshots_taken += 1;
         }
+        let feed = core.take_watch_feed();
+        self.check_watch_feed(id, feed);
         self.handle_outcomes(id);
+    }
+
+    /// What watchers on a node are built on: its feed goes on from the revision the last one
+    /// reached (unless a snapshot reset it), covers every revision once, in order, and carries
+    /// the same events for a revision as every other node's.
+    fn check_watch_feed(&mut self, id: u64, feed: WatchFeed) {
+        let n = self.nodes.get_mut(&id).unwrap();
+        let mut prev = (!feed.reset).then_some(n.watch_rev);
+        let mut at_start = true;
+        let mut by_rev: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
+        let mut bad = None;
+        for e in &feed.events {
+            let r = e.kv.mod_revision;
+            let ok = match prev {
+                None => true,
+                Some(p) if at_start => r == p + 1,
+                Some(p) => r == p || r == p + 1,
+            };
+            if !ok && bad.is_none() {
+                bad = Some(format!(
+                    "watch feed: node {id} went from revision {prev:?} to {r}"
+                ));
+            }
+            prev = Some(r);
+            at_start = false;
+            by_rev.entry(r).or_default().push(e.clone());
+        }
+        let end_ok = match prev {
+            Some(p) if !feed.events.is_empty() => p == feed.revision,
+            Some(p) => p == feed.revision,
+            None => true,
+        };
+        if !end_ok && bad.is_none() {
+            bad = Some(format!(
+                "watch feed: node {id} ended at {prev:?} but its store is at {}",
+                feed.revision
+            ));
+        }
+        n.watch_rev = feed.revision;
+        // The feed says what the store's history says of the same revisions (where compaction
+        // left it): nothing dropped, nothing repeated.
+        if let Some(kv) = n.core.as_ref().map(|c| c.kv()) {
+            for (&r, evs) in &by_rev {
+                if let Ok(h) = kv.events_between(r, r + 1, b"\0", b"\0") {
+                    if h != *evs && bad.is_none() {
+                        bad = Some(format!(
+                            "watch feed: node {id} published {} events for revision {r}, its \
+                             history holds {}",
+                            evs.len(),
+                            h.len()
+                        ));
+                    }
+                }
+            }
+        }
+        for (r, evs) in by_rev {
+            match self.events_at.get(&r) {
+                Some(first) if *first != evs && bad.is_none() => {
+                    bad = Some(format!(
+                        "watch feed: node {id} published other events for revision {r}"
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.events_at.insert(r, evs);
+                }
+            }
+        }
+        if let Some(v) = bad {
+            self.checker.violations.push(v);
+        }
     }
 
     /// Hands the node's answers to the clients waiting for them.
@@ -1096,6 +1181,7 @@ impl Sim {
                 }
                 Outcome::RoleChanged { .. }
                 | Outcome::ConfChange { .. }
+                | Outcome::PeerAddrChanged { .. }
                 | Outcome::Members { .. } => continue,
                 Outcome::Write { token, result } => {
                     let out = match result {
@@ -1287,6 +1373,11 @@ fn node_config(opts: &Options, id: u64, incarnation: u64, seed: u64) -> NodeConf
     };
     c.snapshot_count = opts.snapshot_every;
     c.compaction_margin = COMPACTION_MARGIN;
+    c.collect_events = true;
+    #[cfg(feature = "bug-injection")]
+    {
+        c.bugs = opts.node_bugs;
+    }
     c
 }
 

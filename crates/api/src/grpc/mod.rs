@@ -4,10 +4,12 @@
 //! API never uses.
 //!
 //! Errors carry etcd's status codes and messages, because clients match on the message text
-//! (clientv3's `rpctypes`). Auth answers as an etcd with authentication disabled. Watch and
-//! Lease are not served yet: they answer `Unimplemented`.
+//! (clientv3's `rpctypes`). Auth answers as an etcd with authentication disabled.
 
 pub mod convert;
+mod lease;
+pub mod snapshot;
+mod watch;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use keel_kv::{Op, Response as KvResponse};
 use keel_node::driver::{DriverError, Status as NodeStatus};
 use keel_raft::StateRole;
 use prost::Message as _;
+use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::{code, ApiError};
@@ -43,9 +46,49 @@ struct Shared {
     /// This node's client URL, shown in its own `Member.clientURLs`.
     client_url: String,
     max_txn_ops: usize,
+    /// How often a watcher that asked for progress notifications gets one when idle.
+    watch_progress_interval: std::time::Duration,
+    /// The leader's client URL and a channel to it, reused while the leader stays.
+    leader_link: tokio::sync::Mutex<Option<(String, tonic::transport::Channel)>>,
+}
+
+/// Metadata key marking a request one member forwarded to the leader. A member that gets one
+/// while not leading answers "leader changed" rather than forwarding again, so a request never
+/// circles between members that disagree about the leader.
+pub const FORWARDED: &str = "keel-forwarded";
+
+/// How long connecting to the leader may take before a forwarding try counts as failed.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn forwarded_request<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    req
 }
 
 impl Shared {
+    /// A channel to the leader's client API, once a leader is known and has published its
+    /// client URL (through Raft, like its name).
+    async fn leader_channel(&self) -> Result<Option<tonic::transport::Channel>, Status> {
+        let st = self.app.node.status().await.map_err(status_of)?;
+        let Some(url) = st.leader_client_urls().first().cloned() else {
+            return Ok(None);
+        };
+        let mut link = self.leader_link.lock().await;
+        if let Some((u, ch)) = link.as_ref() {
+            if *u == url {
+                return Ok(Some(ch.clone()));
+            }
+        }
+        let ch = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| Status::internal(format!("keel: leader client URL {url}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_lazy();
+        *link = Some((url, ch.clone()));
+        Ok(Some(ch))
+    }
+
     fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
         Some(pb::ResponseHeader {
             cluster_id: self.app.cfg.cluster_id,
@@ -70,24 +113,28 @@ impl Shared {
         self.app.node.propose(op).await.map_err(status_of)
     }
 
+    /// Every member as etcd lists it: name and client URLs as the member published them
+    /// through Raft; a member that never published has neither (etcdctl shows "unstarted").
     fn members(&self, st: &NodeStatus) -> Vec<pb::Member> {
         st.members
             .iter()
-            .map(|m| pb::Member {
-                id: m.id,
-                name: if m.id == st.id {
-                    self.app.cfg.name.clone()
+            .map(|m| {
+                let unpublished = m.name.is_empty() && m.client_urls.is_empty();
+                let (name, client_urls) = if m.id == st.id && unpublished {
+                    // This node runs, so it is started, and knows its own attributes before
+                    // its publish is applied.
+                    let urls = Some(self.client_url.clone()).filter(|u| !u.is_empty());
+                    (self.app.cfg.name.clone(), urls.into_iter().collect())
                 } else {
-                    // Names are not replicated yet; this is the name a node gets by default.
-                    format!("node-{}", m.id)
-                },
-                peer_ur_ls: m.peer_url.iter().map(|u| format!("http://{u}")).collect(),
-                client_ur_ls: if m.id == st.id {
-                    vec![self.client_url.clone()]
-                } else {
-                    Vec::new()
-                },
-                is_learner: m.learner,
+                    (m.name.clone(), m.client_urls.clone())
+                };
+                pb::Member {
+                    id: m.id,
+                    name,
+                    peer_ur_ls: m.peer_url.iter().map(|u| format!("http://{u}")).collect(),
+                    client_ur_ls: client_urls,
+                    is_learner: m.learner,
+                }
             })
             .collect()
     }
@@ -98,8 +145,10 @@ pub fn status_of(e: DriverError) -> Status {
     match e {
         DriverError::Kv(e) => Status::new(Code::from(e.grpc_code() as i32), e.to_string()),
         DriverError::NoLeader => Status::unavailable("etcdserver: no leader"),
+        DriverError::LeaderChanged => Status::unavailable("etcdserver: leader changed"),
         DriverError::Timeout => Status::unavailable("etcdserver: request timed out"),
         DriverError::Overloaded => Status::resource_exhausted("etcdserver: too many requests"),
+        DriverError::Busy(m) => Status::resource_exhausted(format!("keel: {m}; retry later")),
         DriverError::Stopped => Status::unavailable("etcdserver: server stopped"),
         DriverError::NotLeader(_) => Status::failed_precondition("etcdserver: not leader"),
         DriverError::UnknownMember(_) => Status::not_found("etcdserver: member not found"),
@@ -277,13 +326,38 @@ impl Cluster for ClusterService {
         Ok(Response::new(pb::MemberRemoveResponse { header, members }))
     }
 
+    /// etcd's MemberUpdate: a member's new peer URL, recorded by every member through the log
+    /// (a node entry, see `keel_node::entry`), after which every member dials it. Checked in
+    /// etcd's order: the URLs, the member, then whether another member has the URL.
     async fn member_update(
         &self,
-        _req: Request<pb::MemberUpdateRequest>,
+        req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented(
-            "keel: a member's peer URL cannot be changed yet; remove and re-add it",
-        ))
+        let r = req.into_inner();
+        let [url] = r.peer_ur_ls.as_slice() else {
+            return Err(Status::invalid_argument(
+                "etcdserver: keel members have exactly one peer URL",
+            ));
+        };
+        let addr = crate::input::peer_addr(url)
+            .map_err(|_| Status::invalid_argument("etcdserver: given member URLs are invalid"))?;
+        let st = self.0.app.node.status().await.map_err(status_of)?;
+        if members::find(&st, r.id).is_none() {
+            return Err(Status::not_found("etcdserver: member not found"));
+        }
+        if members::find_by_addr(&st, &addr).is_some_and(|m| m.id != r.id) {
+            return Err(Status::failed_precondition(
+                "etcdserver: Peer URLs already exists",
+            ));
+        }
+        self.0
+            .app
+            .node
+            .update_peer_addr(r.id, &addr)
+            .await
+            .map_err(status_of)?;
+        let (header, members) = self.listing().await?;
+        Ok(Response::new(pb::MemberUpdateResponse { header, members }))
     }
 
     async fn member_list(
@@ -298,12 +372,32 @@ impl Cluster for ClusterService {
         &self,
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        let forwarded = req.metadata().contains_key(FORWARDED);
         let id = req.into_inner().id;
         let st = self.0.app.node.status().await.map_err(status_of)?;
         if st.voters.contains(&id) {
             return Err(Status::failed_precondition(
                 "etcdserver: can only promote a learner member",
             ));
+        }
+        // Only the leader knows how far the learner has caught up, so, as etcd does, a
+        // follower hands the promotion to the leader rather than promote a learner that may
+        // never have started.
+        if st.role != StateRole::Leader {
+            if forwarded {
+                return Err(Status::unavailable("etcdserver: leader changed"));
+            }
+            let Some(ch) = self.0.leader_channel().await? else {
+                return Err(Status::unavailable("etcdserver: no leader"));
+            };
+            let mut c = keel_etcdpb::etcdserverpb::cluster_client::ClusterClient::new(ch);
+            let mut resp = c
+                .member_promote(forwarded_request(pb::MemberPromoteRequest { id }))
+                .await?
+                .into_inner();
+            let (header, _) = self.listing().await?;
+            resp.header = header;
+            return Ok(Response::new(resp));
         }
         members::check_learner_ready(&st, id).map_err(status_of_api)?;
         self.0.app.node.promote(id).await.map_err(status_of)?;
@@ -389,13 +483,31 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = SnapshotStream;
 
+    /// The node's state as a Raft snapshot carries it, in etcd's stream layout (see
+    /// [`snapshot`]). The copy stays in memory until the stream ends or the client goes away;
+    /// the driver allows one at a time (`ResourceExhausted` past it).
     async fn snapshot(
         &self,
         _req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
-        Err(Status::unimplemented(
-            "keel: snapshot download is not served yet",
-        ))
+        let snap = self.0.app.node.snapshot_data().await.map_err(status_of)?;
+        let header = self.0.header(snap.revision);
+        let data = snap.data.clone();
+        // A large state takes a while to hash: off the async workers.
+        let responses = tokio::task::spawn_blocking(move || snapshot::responses(&data, header))
+            .await
+            .map_err(|e| Status::internal(format!("keel: hashing the snapshot: {e}")))?;
+        tracing::info!(
+            "sending a snapshot at index {} ({} bytes)",
+            snap.applied,
+            snap.data.len()
+        );
+        let stream = tokio_stream::iter(responses).map(move |r| {
+            // The stream owns the snapshot's slot: it is free again once the stream is dropped.
+            let _slot: &keel_node::driver::SnapshotData = &snap;
+            Ok(r)
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn move_leader(
@@ -520,6 +632,8 @@ pub(crate) fn routes(app: App, client_url: String) -> axum::Router {
         member_id: app.node.id(),
         client_url,
         max_txn_ops: app.cfg.max_txn_ops,
+        watch_progress_interval: app.cfg.watch_progress_interval,
+        leader_link: tokio::sync::Mutex::new(None),
         app,
     });
     let limit = shared.app.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -531,6 +645,18 @@ pub(crate) fn routes(app: App, client_url: String) -> axum::Router {
     )
     .add_service(
         MaintenanceServer::new(MaintenanceService(shared.clone())).max_decoding_message_size(limit),
+    )
+    .add_service(
+        keel_etcdpb::etcdserverpb::watch_server::WatchServer::new(watch::WatchService(
+            shared.clone(),
+        ))
+        .max_decoding_message_size(limit),
+    )
+    .add_service(
+        keel_etcdpb::etcdserverpb::lease_server::LeaseServer::new(lease::LeaseApi(Arc::new(
+            lease::LeaseService::new(shared.clone()),
+        )))
+        .max_decoding_message_size(limit),
     )
     .add_service(AuthServer::new(AuthService(shared)).max_decoding_message_size(limit))
     .into_axum_router()
