@@ -1544,9 +1544,6 @@ fn watch_from_an_old_revision_replays_history_then_live_events() {
 
 /// A watch from below the compaction is told the compaction revision and canceled.
 #[test]
-#[ignore = "Keel differs: it reports compact_revision as the \
-            compaction revision + 1 (the lowest start it can replay), etcd reports the \
-            compaction revision itself"]
 fn watch_from_a_compacted_revision_reports_compact_revision() {
     let (c, leader) = three_nodes();
     rt().block_on(async {
@@ -1574,8 +1571,6 @@ fn watch_from_a_compacted_revision_reports_compact_revision() {
 /// etcd keeps each key's last change at or below the compaction, so a watch may start at the
 /// compaction revision itself and replays the change made there.
 #[test]
-#[ignore = "Keel differs: a watch starting at the compaction \
-            revision is canceled as compacted, etcd replays from it"]
 fn watch_from_the_compaction_revision_replays_it() {
     let (c, leader) = three_nodes();
     rt().block_on(async {

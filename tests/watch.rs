@@ -332,8 +332,8 @@ fn watch_options_cancel_progress_compaction_and_bad_creates() {
         let p = s.next().await;
         assert_eq!((p.watch_id, p.header.unwrap().revision), (-1, r2));
 
-        // Compaction: a start at or below the compaction point is cancelled with the lowest
-        // revision that can still be watched.
+        // Compaction: a start below the compaction point is cancelled with the compaction
+        // point, as etcd does; from the compaction point itself the history replays.
         let mut revs = Vec::new();
         for i in 0..5 {
             revs.push(put(&mut kv, "c", &i.to_string()).await);
@@ -354,17 +354,16 @@ fn watch_options_cancel_progress_compaction_and_bad_creates() {
         assert!(!r.canceled);
         let r = s.next().await;
         assert!(r.canceled, "{r:?}");
-        assert_eq!(r.compact_revision, revs[2] + 1);
-        // From that revision, the history that is left.
+        assert_eq!(r.compact_revision, revs[2]);
         let r = s
             .create(pb::WatchCreateRequest {
                 key: b("c"),
-                start_revision: revs[2] + 1,
+                start_revision: revs[2],
                 ..Default::default()
             })
             .await;
         let events = s.events_until(r.watch_id, revs[4]).await;
-        assert_eq!(revisions(&events), revs[3..].to_vec());
+        assert_eq!(revisions(&events), revs[2..].to_vec());
     });
 }
 

@@ -172,7 +172,7 @@ fn read_body(r: &mut Reader<'_>) -> Result<Store, DecodeError> {
                 lease.keys.insert(key.clone());
             }
         }
-        for e in hist.iter().filter(|e| e.mod_revision > compact_revision) {
+        for e in hist.iter().filter(|e| e.mod_revision >= compact_revision) {
             log.push(LogRef {
                 revision: e.mod_revision,
                 sub: e.sub,
@@ -237,7 +237,7 @@ fn check_history(hist: &[Entry], revision: i64, compact_revision: i64) -> Result
         return Err(inconsistent("history out of order"));
     }
     let below = hist.partition_point(|e| e.mod_revision <= compact_revision);
-    if below > 1 || (below == 1 && !hist[0].is_live()) {
+    if below > 1 || (below == 1 && !hist[0].is_live() && hist[0].mod_revision != compact_revision) {
         return Err(inconsistent(
             "history below the compaction point not compacted",
         ));

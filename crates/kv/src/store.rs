@@ -68,13 +68,15 @@ pub(crate) struct Lease {
 pub struct Store {
     /// Every key with a version the store must still answer for. Per history: non-empty;
     /// `(mod_revision, sub)` strictly increasing; every `mod_revision <= revision`; at most one
-    /// entry at or below `compact_revision`, and that one live (it is the key's value as of the
-    /// compaction point; older versions and a tombstone there are dropped, since a read at or after
-    /// the compaction point cannot see them).
+    /// entry at or below `compact_revision`: a live one (the key's value as of the compaction
+    /// point), or a tombstone exactly at it (a watch from the compaction point must still see
+    /// that delete, as etcd's does). Older versions, and tombstones below the point, are dropped:
+    /// nothing at or after the compaction point can see them.
     pub(crate) keys: BTreeMap<Bytes, Vec<Entry>>,
-    /// One reference per history entry above `compact_revision`, in `(revision, sub)` order. Lets a
-    /// watch catch up by scanning revisions rather than every key, and tells compaction which keys
-    /// it has to visit.
+    /// One reference per history entry at or above `compact_revision` (above it when never
+    /// compacted, i.e. every entry), in `(revision, sub)` order. Lets a watch catch up by
+    /// scanning revisions rather than every key, and tells compaction which keys it has to
+    /// visit.
     pub(crate) log: VecDeque<LogRef>,
     /// The last write's revision; 1 for an empty store, as in etcd, so that the first write is
     /// revision 2.
@@ -552,12 +554,22 @@ impl Store {
         }
         self.compact_revision = c.revision;
         // Only keys written since the last compaction can hold entries that this one frees: every
-        // other key already has a single live entry below the old compaction point, which stays the
-        // latest at or below the new one.
-        while self.log.front().is_some_and(|r| r.revision <= c.revision) {
+        // other key already has a single entry at or below the old compaction point, which stays
+        // the latest at or below the new one. Changes at the compaction point itself keep their
+        // references: a watch may start there.
+        while self.log.front().is_some_and(|r| r.revision < c.revision) {
             if let Some(r) = self.log.pop_front() {
                 self.compact_key(&r.key, c.revision);
             }
+        }
+        let at_point: Vec<Bytes> = self
+            .log
+            .iter()
+            .take_while(|r| r.revision == c.revision)
+            .map(|r| r.key.clone())
+            .collect();
+        for key in &at_point {
+            self.compact_key(key, c.revision);
         }
         Ok(CompactResponse {
             revision: self.revision,
@@ -570,10 +582,10 @@ impl Store {
         };
         let below = hist.partition_point(|e| e.mod_revision <= rev);
         // The newest entry at or below `rev` is the key's value as of `rev` (reads at `rev` and the
-        // prev_kv of later events need it) unless it is a tombstone, which says nothing that
-        // absence does not.
+        // prev_kv of later events need it). A tombstone says nothing that absence does not, unless
+        // it is exactly at `rev`, where a watch from the compaction point reports it.
         let keep_from = match below.checked_sub(1) {
-            Some(i) if hist[i].is_live() => i,
+            Some(i) if hist[i].is_live() || hist[i].mod_revision == rev => i,
             _ => below,
         };
         hist.drain(..keep_from);

@@ -30,8 +30,9 @@ impl Store {
     /// Every change to keys in the range (same `key`/`range_end` rules as Range) at revisions >=
     /// `start_rev`, in (revision, sub-revision) order, with `prev_kv` filled in. `start_rev <= 0`
     /// means "from the next revision", as in an etcd watch, and returns nothing. Fails with
-    /// [`Error::Compacted`] when `start_rev` is at or below the compaction point, where changes are
-    /// no longer all known.
+    /// [`Error::Compacted`] when `start_rev` is below the compaction point, where changes are no
+    /// longer all known. From the compaction point itself, as in etcd, its changes come without
+    /// `prev_kv` (the versions they replaced are compacted away).
     pub fn events_since(
         &self,
         start_rev: i64,
@@ -53,7 +54,7 @@ impl Store {
         if start_rev <= 0 {
             return Ok(Vec::new());
         }
-        if start_rev <= self.compact_revision {
+        if start_rev < self.compact_revision {
             return Err(Error::Compacted);
         }
         let span = Span::new(key, range_end);

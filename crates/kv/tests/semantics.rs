@@ -1009,7 +1009,8 @@ fn compaction_refuses_old_reads_and_keeps_the_state_at_its_revision() {
     assert_eq!(kv.store.uncompacted_entries(), 5);
     assert!(matches!(kv.compact(5), Ok(Response::Compact(c)) if c.revision == 6));
     assert_eq!(kv.store.compact_revision(), 5);
-    assert_eq!(kv.store.uncompacted_entries(), 1);
+    // The delete at the compaction point stays visible to a watch from there.
+    assert_eq!(kv.store.uncompacted_entries(), 2);
     assert_eq!(
         kv.range(&RangeRequest {
             revision: 4,
@@ -1047,7 +1048,7 @@ fn compaction_refuses_old_reads_and_keeps_the_state_at_its_revision() {
         Error::FutureRevision
     );
     assert!(kv.compact(6).is_ok());
-    assert_eq!(kv.store.uncompacted_entries(), 0);
+    assert_eq!(kv.store.uncompacted_entries(), 1);
     assert_eq!(
         kv.range(&RangeRequest {
             revision: 5,
@@ -1067,13 +1068,17 @@ fn compaction_keeps_prev_kv_for_later_events() {
     let events = kv.store.events_since(4, b"a", b"").unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].prev_kv.as_ref().unwrap().value, b("2"));
-    // After a delete is compacted away the key is gone, history and all.
+    // A delete at the compaction point is still reported to a watch from there, without the
+    // version it ended (compacted, as in etcd); once compacted past, the key is gone.
     kv.delete("a", ""); // 5
     kv.compact(5).unwrap();
-    assert_eq!(
-        kv.store.hash_kv(0).unwrap().hash,
-        Store::new().hash_kv(0).unwrap().hash
-    );
+    let at = kv.store.events_since(5, b"a", b"").unwrap();
+    assert_eq!(at.len(), 1);
+    assert_eq!((at[0].kind, at[0].kv.mod_revision), (EventKind::Delete, 5));
+    assert!(at[0].prev_kv.is_none());
+    assert_eq!(kv.store.events_since(4, b"a", b""), Err(Error::Compacted));
+    let all_at = kv.store.events_since(5, b"\0", b"\0").unwrap();
+    assert_eq!(all_at, at);
     assert_eq!(
         kv.range(&RangeRequest {
             revision: 5,
@@ -1083,6 +1088,20 @@ fn compaction_keeps_prev_kv_for_later_events() {
         .count,
         0
     );
+    let restored = Store::restore(&kv.store.snapshot()).unwrap();
+    assert_eq!(
+        restored, kv.store,
+        "a snapshot keeps the change at the compaction point"
+    );
+    kv.put("z", "1"); // 6
+    kv.compact(6).unwrap();
+    assert!(kv.store.events_since(6, b"a", b"").unwrap().is_empty());
+    assert_eq!(
+        kv.store.get(b"a"),
+        None,
+        "the key is gone once compacted past its delete"
+    );
+    assert_eq!(Store::restore(&kv.store.snapshot()).unwrap(), kv.store);
 }
 
 #[test]
@@ -1145,9 +1164,18 @@ fn events_since_reads_history_in_revision_order() {
     assert_eq!(kv.store.events_since(0, b"\0", b"\0").unwrap(), []);
 
     kv.compact(3).unwrap();
+    // From the compaction point: the txn's three changes, without what they replaced.
+    let at_point: Vec<_> = from_apply[1..4]
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.prev_kv = None;
+            e
+        })
+        .collect();
     assert_eq!(
-        kv.store.events_since(3, b"\0", b"\0"),
-        Err(Error::Compacted)
+        kv.store.events_between(3, 4, b"\0", b"\0").unwrap(),
+        at_point
     );
     assert_eq!(kv.store.events_since(2, b"a", b""), Err(Error::Compacted));
     assert_eq!(

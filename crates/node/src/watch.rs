@@ -80,11 +80,8 @@ pub struct History {
 /// Why history could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HistoryError {
-    /// The start is at or below the compaction point; changes there are gone. `compact_revision`
-    /// is the lowest start that history can still serve: the store's compaction point plus one.
-    /// (etcd reports the compaction point itself, from which its store can still replay; this
-    /// store keeps no changes at the compaction point, and a client told to restart from a
-    /// revision must be able to.)
+    /// The start is below the compaction point; changes there are gone. `compact_revision` is
+    /// the compaction point: the lowest start history can still serve, as etcd reports it.
     Compacted { compact_revision: i64 },
 }
 
@@ -111,7 +108,7 @@ pub fn read_history(
     let events = kv
         .events_between(start, next, key, range_end)
         .map_err(|_| HistoryError::Compacted {
-            compact_revision: kv.compact_revision() + 1,
+            compact_revision: kv.compact_revision(),
         })?;
     Ok(History {
         events,
@@ -161,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn history_below_the_compaction_point_is_refused_with_it() {
+    fn history_below_the_compaction_point_is_refused_with_it_and_served_from_it() {
         let mut kv = Store::new();
         for i in 1..=10 {
             put(&mut kv, i, "a", &i.to_string());
@@ -173,13 +170,18 @@ mod tests {
         assert_eq!(
             read_history(&kv, 3, b"a", b""),
             Err(HistoryError::Compacted {
-                compact_revision: 7
+                compact_revision: 6
             })
         );
         let h = read_history(&kv, 7, b"a", b"").unwrap();
         assert_eq!(h.events.len(), 5);
         assert!(h.events.iter().all(|e| e.kind == EventKind::Put));
         assert_eq!(h.events[0].prev_kv.as_ref().unwrap().mod_revision, 6);
+        // From the compaction point itself: its change, without the version it replaced.
+        let h = read_history(&kv, 6, b"a", b"").unwrap();
+        assert_eq!(h.events.len(), 6);
+        assert_eq!(h.events[0].kv.mod_revision, 6);
+        assert!(h.events[0].prev_kv.is_none());
     }
 
     #[test]
