@@ -13,6 +13,9 @@
 #
 # Run from anywhere:   bench/cluster-bench.sh
 #   DURATION=10s   length of each run (keelctl duration syntax)
+#   SUITE=api      instead: puts to the leader through the HTTP API and through etcd's gRPC API,
+#                  at 1, 16 and 256 clients, interleaved A B A B A B (3 repetitions each), on
+#                  one cluster, to show what each API layer costs on top of a put
 #   BASE_PORT, SKIP_BUILD=1, KEEP_DATA=1: see bench/lib.sh
 # The load generator runs on the same machine as the three nodes, so the figures include
 # its competition for CPU.
@@ -108,15 +111,24 @@ wait_for_leader 30 "${NODES[@]}" >/dev/null
 cpu_sampler >"$WORK/cpu.samples" &
 BG_PIDS+=($!)
 
-bench_run put 1 leader put
-bench_run put 16 leader put
-bench_run put 256 leader put
-bench_run put 16 all put
-bench_run put 256 all put
-bench_run "get (linearizable)" 16 all get
-bench_run "get (linearizable)" 256 all get
-bench_run "get (serializable)" 16 all get --serializable
-bench_run "get (serializable)" 256 all get --serializable
+if [[ ${SUITE:-all} == api ]]; then
+  for clients in 1 16 256; do
+    for rep in 1 2 3; do
+      bench_run "put over HTTP (rep $rep)" "$clients" leader put --protocol http
+      bench_run "put over gRPC (rep $rep)" "$clients" leader put --protocol grpc
+    done
+  done
+else
+  bench_run put 1 leader put
+  bench_run put 16 leader put
+  bench_run put 256 leader put
+  bench_run put 16 all put
+  bench_run put 256 all put
+  bench_run "get (linearizable)" 16 all get
+  bench_run "get (linearizable)" 256 all get
+  bench_run "get (serializable)" 16 all get --serializable
+  bench_run "get (serializable)" 256 all get --serializable
+fi
 
 commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null) ]]; then commit="$commit (dirty)"; fi

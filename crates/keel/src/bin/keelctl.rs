@@ -151,6 +151,9 @@ struct BenchArgs {
     /// Gets read the answering member's local state instead of going through ReadIndex.
     #[arg(long)]
     serializable: bool,
+    /// Gets: do not write every key first (a previous run filled the key space).
+    #[arg(long)]
+    skip_fill: bool,
     /// The API the load goes through: Keel's HTTP/JSON API, or the etcd v3 gRPC API (which
     /// etcd serves too, so the same load can be run against both).
     #[arg(long, value_enum, default_value_t = BenchProtocol::Http)]
@@ -901,12 +904,25 @@ async fn bench(
             .collect::<Vec<u8>>(),
     );
 
-    if op == BenchOp::Get {
-        // Every key a get may pick exists, so gets measure reads and not 404s.
+    let grpc = match args.protocol {
+        BenchProtocol::Grpc => grpc_channels(base.endpoints(), args.conns).await?,
+        BenchProtocol::Http => Vec::new(),
+    };
+    let client_for = |n: usize| {
+        if grpc.is_empty() {
+            BenchClient::Http(per_endpoint[n % per_endpoint.len()].clone())
+        } else {
+            BenchClient::Grpc(grpc[n % grpc.len()].clone())
+        }
+    };
+
+    if op == BenchOp::Get && !args.skip_fill {
+        // Every key a get may pick exists, so gets measure reads and not misses. Through the
+        // same API as the load, so that the fill works against etcd too.
         let fill = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = Vec::new();
         for w in 0..args.clients.clamp(1, 64) {
-            let c = per_endpoint[w % per_endpoint.len()].clone();
+            let mut c = client_for(w);
             let fill = fill.clone();
             let value = value.clone();
             let keys = args.keys;
@@ -917,7 +933,16 @@ async fn bench(
                         return Ok(());
                     }
                     let key = bench_key(i);
-                    retrying(Some(Duration::from_secs(10)), || c.put(&key, value.clone())).await?;
+                    let mut tries = 0;
+                    // A leader change during the fill refuses some puts; each is retried a
+                    // bounded number of times (a put of the same value twice is harmless).
+                    while let Err(e) = c.put(&key, value.clone()).await {
+                        tries += 1;
+                        if tries == 100 {
+                            return Err(Error::Usage(format!("filling {key}: {e}")));
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }));
         }
@@ -926,19 +951,11 @@ async fn bench(
         }
     }
 
-    let grpc = match args.protocol {
-        BenchProtocol::Grpc => grpc_channels(base.endpoints(), args.conns).await?,
-        BenchProtocol::Http => Vec::new(),
-    };
     let start = Instant::now();
     let deadline = start + args.duration;
     let mut tasks = Vec::new();
     for n in 0..args.clients {
-        let mut c = if grpc.is_empty() {
-            BenchClient::Http(per_endpoint[n % per_endpoint.len()].clone())
-        } else {
-            BenchClient::Grpc(grpc[n % grpc.len()].clone())
-        };
+        let mut c = client_for(n);
         let value = value.clone();
         let args = args.clone();
         tasks.push(tokio::spawn(async move {

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Keel against etcd on this machine, with one load generator speaking etcd's v3 gRPC API to
+# both (`keelctl bench --protocol grpc`), one 3-member cluster at a time, fsync on for both.
+#
+# Each repetition starts a fresh etcd cluster, runs every workload, stops it, then does the
+# same with a fresh Keel cluster (A B A B ...), so slow drifts of the machine fall on both.
+# Timing settings match: etcd --heartbeat-interval 100 --election-timeout 1000, Keel's
+# defaults (100 ms ticks, heartbeat every tick, election after 10 ticks; both randomize the
+# election timeout up to twice that).
+#
+# Workloads (100,000 keys, 256-byte values): put at 1, 16, 256 clients to the leader; put at
+# 16, 256 clients spread over the members; linearizable and serializable get at 16 and 256
+# clients over the members (the key space is filled once per cluster, before the gets). Per
+# run it records ops/s, p50 and p99, and the servers' CPU (utime+stime of the 3 processes over
+# the run's wall time), and after the last run each server's RSS.
+#
+# Not measured here yet (issue 6 asks for them): txn compare-and-set, watch fan-out, failover
+# against etcd, recovery time and RSS with 1M keys. bench/failover.sh measures Keel's failover.
+#
+# Run from anywhere:   bench/compare-etcd.sh > table.md
+#   REPS=3  DURATION=10s  SKIP_BUILD=1  BASE_PORT=20000  KEEP_DATA=1
+# Needs etcd and etcdctl (Debian: etcd-server, etcd-client; installed if missing with
+# apt-get, which needs root), jq, curl and ss.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+REPS=${REPS:-3}
+DURATION=${DURATION:-10s}
+KEYS=100000
+VALUE_SIZE=256
+HZ=$(getconf CLK_TCK)
+
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  log "installing Debian's etcd-server and etcd-client"
+  apt-get update >&2
+  apt-get install -y etcd-server etcd-client >&2
+fi
+
+# Every workload: name, clients, where (leader|all), keelctl bench arguments.
+WORKLOADS=(
+  "put|1|leader|put"
+  "put|16|leader|put"
+  "put|256|leader|put"
+  "put|16|all|put"
+  "put|256|all|put"
+  "get (linearizable)|16|all|get --skip-fill"
+  "get (linearizable)|256|all|get --skip-fill"
+  "get (serializable)|16|all|get --skip-fill --serializable"
+  "get (serializable)|256|all|get --skip-fill --serializable"
+)
+
+start_etcd() {
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/keel-vs-etcd.XXXXXX")
+  local ports i initial=""
+  read -r -a ports <<<"$(pick_ports 6)"
+  PEER_PORTS=("${ports[@]:0:3}")
+  CLIENT_PORTS=("${ports[@]:3:3}")
+  for i in 1 2 3; do
+    initial+="${initial:+,}node-$i=http://127.0.0.1:${PEER_PORTS[i - 1]}"
+  done
+  for i in 1 2 3; do
+    etcd --name "node-$i" --data-dir "$WORK/node$i" \
+      --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[i - 1]}" \
+      --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[i - 1]}" \
+      --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[i - 1]}" \
+      --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[i - 1]}" \
+      --initial-cluster "$initial" --initial-cluster-state new \
+      --heartbeat-interval 100 --election-timeout 1000 \
+      >>"$WORK/node$i.log" 2>&1 &
+    NODE_PIDS[i]=$!
+    disown "$!"
+  done
+}
+
+start_keel() {
+  start_cluster
+}
+
+# Stops the running cluster and removes its data (unless KEEP_DATA=1).
+stop_servers() {
+  local i deadline
+  for i in "${NODES[@]}"; do kill -TERM "${NODE_PIDS[i]}" 2>/dev/null || true; done
+  deadline=$(($(date +%s) + 10))
+  for i in "${NODES[@]}"; do
+    while running "${NODE_PIDS[i]}" && (($(date +%s) < deadline)); do sleep 0.1; done
+    kill -KILL "${NODE_PIDS[i]}" 2>/dev/null || true
+  done
+  NODE_PIDS=()
+  [[ ${KEEP_DATA:-0} == 1 ]] || rm -rf "$WORK"
+  WORK=""
+}
+
+endpoints_all() { echo "$(client_addr 1),$(client_addr 2),$(client_addr 3)"; }
+
+# The client address of the leader, asked over etcd's Maintenance.Status, which both serve;
+# waits up to 30 s for every member to agree on one.
+leader_endpoint() {
+  local deadline=$(($(date +%s) + 30)) st leaders lead
+  while (($(date +%s) < deadline)); do
+    if st=$(ETCDCTL_API=3 etcdctl --endpoints "$(endpoints_all)" --dial-timeout 1s \
+      --command-timeout 2s endpoint status -w json 2>/dev/null); then
+      leaders=$(jq -r '[.[].Status.leader] | unique | length' <<<"$st")
+      lead=$(jq -r '.[] | select(.Status.header.member_id == .Status.leader) | .Endpoint' <<<"$st")
+      if [[ $leaders == 1 && -n $lead ]]; then
+        echo "${lead#http://}"
+        return 0
+      fi
+    fi
+    sleep 0.2
+  done
+  die "no leader agreed on within 30 s"
+}
+
+# utime+stime ticks of the three servers.
+server_ticks() {
+  local i stat f sum=0
+  for i in "${NODES[@]}"; do
+    read -r stat <"/proc/${NODE_PIDS[i]}/stat"
+    read -r -a f <<<"${stat##*) }"
+    sum=$((sum + f[11] + f[12]))
+  done
+  echo "$sum"
+}
+
+# Per-run results: "system|workload|clients|where|rep|ops|p50|p99|cores".
+RESULTS=$(mktemp)
+RSS=$(mktemp)
+# lib.sh's cleanup stops the servers and exits with the script's status, which `(exit $rc)`
+# hands it past the rm.
+trap 'rc=$?; rm -f "$RESULTS" "$RSS"; (exit $rc); cleanup' EXIT
+
+run_workloads() {
+  local system=$1 rep=$2 w name clients where args ep out t0 t1 ticks0 ticks1 cores
+  log "$system, repetition $rep: filling $KEYS keys"
+  "$KEELCTL" --endpoints "$(endpoints_all)" --json bench get --protocol grpc --clients 64 \
+    --duration 1s --keys "$KEYS" --value-size "$VALUE_SIZE" >/dev/null
+  for w in "${WORKLOADS[@]}"; do
+    IFS='|' read -r name clients where args <<<"$w"
+    if [[ $where == leader ]]; then ep=$(leader_endpoint); else ep=$(endpoints_all); fi
+    log "$system, repetition $rep: $name, $clients clients, $where"
+    out=$WORK/run.json
+    ticks0=$(server_ticks)
+    t0=$(date +%s%N)
+    # shellcheck disable=SC2086 # args holds several words on purpose
+    "$KEELCTL" --endpoints "$ep" --json bench $args --protocol grpc --clients "$clients" \
+      --duration "$DURATION" --keys "$KEYS" --value-size "$VALUE_SIZE" >"$out" ||
+      die "$system: keelctl bench $args failed: $(cat "$out")"
+    t1=$(date +%s%N)
+    ticks1=$(server_ticks)
+    cores=$(awk -v d="$((ticks1 - ticks0))" -v hz="$HZ" -v ns="$((t1 - t0))" \
+      'BEGIN { printf "%.2f", d / hz / (ns / 1e9) }')
+    jq -r --arg s "$system" --arg n "$name" --arg c "$clients" --arg w "$where" \
+      --arg r "$rep" --arg cores "$cores" \
+      '"\($s)|\($n)|\($c)|\($w)|\($r)|\(.throughput_ops_s)|\(.latency_ms.p50)|\(.latency_ms.p99)|\($cores)"' \
+      "$out" >>"$RESULTS"
+  done
+  local i kb
+  for i in "${NODES[@]}"; do
+    kb=$(awk '/^VmRSS/ { print $2 }' "/proc/${NODE_PIDS[i]}/status")
+    echo "$system|$rep|$i|$kb" >>"$RSS"
+  done
+}
+
+build
+etcd_version=$(etcd --version | sed -n 's/^etcd Version: //p')
+keel_commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null) ]]; then keel_commit="$keel_commit (dirty)"; fi
+
+for rep in $(seq 1 "$REPS"); do
+  start_etcd
+  leader_endpoint >/dev/null
+  run_workloads etcd "$rep"
+  stop_servers
+  start_keel
+  leader_endpoint >/dev/null
+  run_workloads keel "$rep"
+  stop_servers
+done
+
+# Median and range of one column over the repetitions of (system, workload, clients, where).
+stat_of() {
+  local system=$1 name=$2 clients=$3 where=$4 col=$5
+  awk -F'|' -v s="$system" -v n="$name" -v c="$clients" -v w="$where" -v col="$col" '
+    $1 == s && $2 == n && $3 == c && $4 == w { v[++k] = $col }
+    END {
+      for (i = 2; i <= k; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
+      if (k == 0) { print "n/a n/a n/a"; exit }
+      printf "%s %s %s\n", v[int((k + 1) / 2)], v[1], v[k]
+    }' "$RESULTS"
+}
+
+echo "Keel (commit $keel_commit) and etcd $etcd_version, 3 members each on 127.0.0.1, $(nproc) CPUs,"
+echo "fsync on; load: keelctl bench --protocol grpc (etcd v3 API) on the same machine; $REPS"
+echo "repetitions, etcd and Keel alternating, $DURATION per run, $KEYS keys, $VALUE_SIZE-byte values."
+echo "Medians over the repetitions, (min-max) for throughput; CPU is the sum of the 3 servers."
+echo
+echo "| workload | clients | endpoints | etcd ops/s | Keel ops/s | Keel/etcd | etcd p50 / p99 ms | Keel p50 / p99 ms | etcd cores per 1000 ops/s | Keel cores per 1000 ops/s |"
+echo "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+for w in "${WORKLOADS[@]}"; do
+  IFS='|' read -r name clients where _ <<<"$w"
+  read -r eo eomin eomax <<<"$(stat_of etcd "$name" "$clients" "$where" 6)"
+  read -r ko komin komax <<<"$(stat_of keel "$name" "$clients" "$where" 6)"
+  read -r ep50 _ _ <<<"$(stat_of etcd "$name" "$clients" "$where" 7)"
+  read -r kp50 _ _ <<<"$(stat_of keel "$name" "$clients" "$where" 7)"
+  read -r ep99 _ _ <<<"$(stat_of etcd "$name" "$clients" "$where" 8)"
+  read -r kp99 _ _ <<<"$(stat_of keel "$name" "$clients" "$where" 8)"
+  read -r ec _ _ <<<"$(stat_of etcd "$name" "$clients" "$where" 9)"
+  read -r kc _ _ <<<"$(stat_of keel "$name" "$clients" "$where" 9)"
+  awk -v n="$name" -v c="$clients" -v w="$where" -v eo="$eo" -v eomin="$eomin" -v eomax="$eomax" \
+    -v ko="$ko" -v komin="$komin" -v komax="$komax" -v ep50="$ep50" -v ep99="$ep99" \
+    -v kp50="$kp50" -v kp99="$kp99" -v ec="$ec" -v kc="$kc" 'BEGIN {
+      printf "| %s | %s | %s | %.0f (%.0f-%.0f) | %.0f (%.0f-%.0f) | %.2f | %.2f / %.2f | %.2f / %.2f | %.3f | %.3f |\n",
+        n, c, (w == "leader" ? "leader" : "all 3"), eo, eomin, eomax, ko, komin, komax,
+        (eo > 0 ? ko / eo : 0), ep50, ep99, kp50, kp99,
+        (eo > 0 ? ec / (eo / 1000) : 0), (ko > 0 ? kc / (ko / 1000) : 0) }'
+done
+echo
+echo "RSS after the last run of each repetition (MiB per member, median over members and repetitions):"
+for system in etcd keel; do
+  awk -F'|' -v s="$system" '$1 == s { v[++k] = $4 }
+    END { for (i = 2; i <= k; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
+          if (k) printf "- %s: %.0f MiB (%.0f-%.0f)\n", s, v[int((k + 1) / 2)] / 1024, v[1] / 1024, v[k] / 1024 }' "$RSS"
+done
