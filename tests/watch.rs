@@ -419,3 +419,45 @@ fn a_client_that_stops_reading_loses_its_watchers_with_a_reason() {
         }
     });
 }
+
+#[test]
+fn an_idle_watcher_that_asked_gets_progress_notifications() {
+    let c = Cluster::raftexample(
+        3,
+        &["--experimental-watch-progress-notify-interval", "300ms"],
+    );
+    let leader = c.leader_of(&[1, 2, 3]);
+    let follower = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    let (lport, fport) = (c.node(leader).client, c.node(follower).client);
+    rt().block_on(async {
+        let mut kv = KvClient::new(channel(lport).await);
+        let rev = put(&mut kv, "elsewhere", "1").await;
+        let mut s = Stream::open(fport).await;
+        let w = s
+            .create(pb::WatchCreateRequest {
+                key: b("quiet"),
+                progress_notify: true,
+                ..Default::default()
+            })
+            .await;
+        // Nothing happens to "quiet": what comes is a notification naming the store's
+        // revision, once the follower has applied the write above.
+        loop {
+            let r = s.next().await;
+            assert_eq!(r.watch_id, w.watch_id, "{r:?}");
+            assert!(r.events.is_empty() && !r.canceled, "{r:?}");
+            if r.header.unwrap().revision >= rev {
+                break;
+            }
+        }
+        // A write to it comes as an event, not as a notification.
+        let r2 = put(&mut kv, "quiet", "x").await;
+        loop {
+            let r = s.next().await;
+            if !r.events.is_empty() {
+                assert_eq!(revisions(&r.events), vec![r2]);
+                break;
+            }
+        }
+    });
+}

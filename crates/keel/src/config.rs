@@ -131,6 +131,15 @@ pub struct ServeArgs {
     /// gRPC API share it. Overrides --host and --port.
     #[arg(long, value_name = "URL")]
     pub listen_client_urls: Option<String>,
+
+    /// How often an idle watcher that asked for progress notifications gets one (etcd's flag
+    /// and default).
+    #[arg(
+        long = "experimental-watch-progress-notify-interval",
+        default_value = "10m",
+        value_parser = parse_duration
+    )]
+    pub watch_progress_notify_interval: Duration,
 }
 
 /// A node reference in the file: a number, or a name whose trailing digits are the id.
@@ -250,6 +259,7 @@ pub struct Plan {
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
     pub auto_compaction: Option<AutoCompaction>,
+    pub watch_progress_notify_interval: Duration,
 }
 
 /// The client port of a node given no --port.
@@ -535,6 +545,12 @@ pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, Stri
                 PathBuf::from(format!("keel-{name}"))
             }
         });
+    // A floor so that a typo cannot make every stream notify continuously; a day is far
+    // beyond any use of notifications.
+    let progress = args.watch_progress_notify_interval;
+    if progress < Duration::from_millis(100) || progress > Duration::from_secs(86_400) {
+        return Err("--experimental-watch-progress-notify-interval: must be in 100ms..=24h".into());
+    }
     if args.join_timeout.is_zero() {
         return Err("--join-timeout must be positive".into());
     }
@@ -555,6 +571,7 @@ pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, Stri
         max_request_bytes,
         max_txn_ops,
         auto_compaction,
+        watch_progress_notify_interval: progress,
     })
 }
 
@@ -651,6 +668,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(j.mode, Mode::Static { join: true });
+    }
+
+    #[test]
+    fn watch_progress_interval_is_etcds_and_bounded() {
+        let p = resolve(&args(&[]), None).unwrap();
+        assert_eq!(p.watch_progress_notify_interval, Duration::from_secs(600));
+        let flag = "--experimental-watch-progress-notify-interval";
+        let p = resolve(&args(&[flag, "300ms"]), None).unwrap();
+        assert_eq!(p.watch_progress_notify_interval, Duration::from_millis(300));
+        for bad in ["10ms", "48h"] {
+            let e = resolve(&args(&[flag, bad]), None).unwrap_err();
+            assert!(e.contains("100ms..=24h"), "{e}");
+        }
     }
 
     #[test]

@@ -127,6 +127,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
     let mut api = ApiConfig::new(plan.name.clone(), ident.cluster_id);
     api.max_request_bytes = plan.max_request_bytes;
     api.max_txn_ops = plan.max_txn_ops;
+    api.watch_progress_interval = plan.watch_progress_notify_interval;
     api.client_url = client_url;
     info!(
         node = ident.id,
