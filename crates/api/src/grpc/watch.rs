@@ -213,14 +213,7 @@ impl StreamTask {
                         Err(mpsc::error::TryRecvError::Disconnected) => requests_open = false,
                     }
                 }
-                loop {
-                    match self.feed.try_recv() {
-                        Ok(f) => self.on_feed(&f).await?,
-                        Err(broadcast::error::TryRecvError::Empty) => break,
-                        Err(broadcast::error::TryRecvError::Lagged(_)) => self.unsync_all(),
-                        Err(broadcast::error::TryRecvError::Closed) => return Err(Gone),
-                    }
-                }
+                self.drain_feed().await?;
                 continue;
             }
             tokio::select! {
@@ -254,16 +247,21 @@ impl StreamTask {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
+        self.drain_feed().await?;
+        self.revision = self.revision.max(revision);
+        Ok(Ok(revision))
+    }
+
+    /// Handles every feed already waiting, without waiting for more.
+    async fn drain_feed(&mut self) -> Result<(), Gone> {
         loop {
             match self.feed.try_recv() {
                 Ok(f) => self.on_feed(&f).await?,
-                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(broadcast::error::TryRecvError::Empty) => return Ok(()),
                 Err(broadcast::error::TryRecvError::Lagged(_)) => self.unsync_all(),
                 Err(broadcast::error::TryRecvError::Closed) => return Err(Gone),
             }
         }
-        self.revision = self.revision.max(revision);
-        Ok(Ok(revision))
     }
 
     fn first_unsynced(&self) -> Option<i64> {
