@@ -19,6 +19,8 @@
 #
 # Run from anywhere:   bench/compare-etcd.sh > table.md
 #   REPS=3  DURATION=10s  SKIP_BUILD=1  BASE_PORT=20000  KEEP_DATA=1
+#   SNAPSHOT_COUNT=N  gives both systems --snapshot-count N (default: each its own default,
+#                     etcd 100,000 and Keel 10,000)
 # Needs etcd and etcdctl (Debian: etcd-server, etcd-client; installed if missing with
 # apt-get, which needs root), jq, curl and ss.
 set -euo pipefail
@@ -66,6 +68,7 @@ start_etcd() {
       --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[i - 1]}" \
       --initial-cluster "$initial" --initial-cluster-state new \
       --heartbeat-interval 100 --election-timeout 1000 \
+      ${SNAPSHOT_COUNT:+--snapshot-count "$SNAPSHOT_COUNT"} \
       >>"$WORK/node$i.log" 2>&1 &
     NODE_PIDS[i]=$!
     disown "$!"
@@ -73,6 +76,7 @@ start_etcd() {
 }
 
 start_keel() {
+  NODE_FLAGS=(${SNAPSHOT_COUNT:+--snapshot-count "$SNAPSHOT_COUNT"})
   start_cluster
 }
 
@@ -191,7 +195,8 @@ stat_of() {
 
 echo "Keel (commit $keel_commit) and etcd $etcd_version, 3 members each on 127.0.0.1, $(nproc) CPUs,"
 echo "fsync on; load: keelctl bench --protocol grpc (etcd v3 API) on the same machine; $REPS"
-echo "repetitions, etcd and Keel alternating, $DURATION per run, $KEYS keys, $VALUE_SIZE-byte values."
+echo "repetitions, etcd and Keel alternating, $DURATION per run, $KEYS keys, $VALUE_SIZE-byte values,"
+echo "snapshot count: ${SNAPSHOT_COUNT:-the default of each}."
 echo "Medians over the repetitions, (min-max) for throughput; CPU is the sum of the 3 servers."
 echo
 echo "| workload | clients | endpoints | etcd ops/s | Keel ops/s | Keel/etcd | etcd p50 / p99 ms | Keel p50 / p99 ms | etcd cores per 1000 ops/s | Keel cores per 1000 ops/s |"
