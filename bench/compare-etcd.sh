@@ -10,15 +10,18 @@
 #
 # Workloads (100,000 keys, 256-byte values): put at 1, 16, 256 clients to the leader; put at
 # 16, 256 clients spread over the members; linearizable and serializable get at 16 and 256
-# clients over the members (the key space is filled once per cluster, before the gets). Per
+# clients over the members; txn compare-and-set at 16 clients over the members (a serializable
+# read of the key's mod revision, then a txn putting only if it is unchanged; every attempt is
+# an op). The key space is filled once per cluster, before the runs. Per
 # run it records ops/s, p50 and p99, and the servers' CPU (utime+stime of the 3 processes over
 # the run's wall time), and after the last run each server's RSS.
 #
-# Not measured here yet (issue 6 asks for them): txn compare-and-set, watch fan-out, failover
-# against etcd, recovery time and RSS with 1M keys. bench/failover.sh measures Keel's failover.
+# Not measured here yet (issue 6 asks for them): watch fan-out, failover against etcd,
+# recovery time and RSS with 1M keys. bench/failover.sh measures Keel's failover.
 #
 # Run from anywhere:   bench/compare-etcd.sh > table.md
 #   REPS=3  DURATION=10s  SKIP_BUILD=1  BASE_PORT=20000  KEEP_DATA=1
+#   ONLY=REGEX  runs only the workloads whose name matches
 #   SNAPSHOT_COUNT=N  gives both systems --snapshot-count N (default: each its own default,
 #                     etcd 100,000 and Keel 10,000)
 # Needs etcd and etcdctl (Debian: etcd-server, etcd-client; installed if missing with
@@ -49,7 +52,14 @@ WORKLOADS=(
   "get (linearizable)|256|all|get --skip-fill"
   "get (serializable)|16|all|get --skip-fill --serializable"
   "get (serializable)|256|all|get --skip-fill --serializable"
+  "txn compare-and-set|16|all|cas --skip-fill"
 )
+# ONLY=REGEX keeps the workloads whose name matches (e.g. ONLY=txn).
+if [[ -n ${ONLY:-} ]]; then
+  kept=()
+  for w in "${WORKLOADS[@]}"; do [[ ${w%%|*} =~ $ONLY ]] && kept+=("$w"); done
+  WORKLOADS=("${kept[@]}")
+fi
 
 start_etcd() {
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/keel-vs-etcd.XXXXXX")

@@ -133,6 +133,10 @@ enum BenchCmd {
     Put(BenchArgs),
     /// Concurrent gets of random keys (written first).
     Get(BenchArgs),
+    /// Concurrent compare-and-set of random keys (written first): a serializable read of the
+    /// key's mod revision, then a txn that puts only if it is unchanged. Each attempt counts as
+    /// one op, won or lost. etcd's gRPC API only (--protocol grpc).
+    Cas(BenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -195,6 +199,47 @@ impl BenchClient {
                 .map(|_| ())
                 .map_err(|s| s.message().to_string()),
         }
+    }
+
+    /// One compare-and-set attempt (gRPC only; `bench` refuses it over HTTP before starting).
+    async fn cas(&mut self, key: &str, value: bytes::Bytes) -> Result<(), String> {
+        let BenchClient::Grpc(c) = self else {
+            return Err("cas needs --protocol grpc".into());
+        };
+        let k = bytes::Bytes::copy_from_slice(key.as_bytes());
+        let read = c
+            .range(etcdpb::RangeRequest {
+                key: k.clone(),
+                serializable: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        let seen = read.kvs.first().map_or(0, |kv| kv.mod_revision);
+        let txn = etcdpb::TxnRequest {
+            compare: vec![etcdpb::Compare {
+                result: etcdpb::compare::CompareResult::Equal as i32,
+                target: etcdpb::compare::CompareTarget::Mod as i32,
+                key: k.clone(),
+                range_end: bytes::Bytes::new(),
+                target_union: Some(etcdpb::compare::TargetUnion::ModRevision(seen)),
+            }],
+            success: vec![etcdpb::RequestOp {
+                request: Some(etcdpb::request_op::Request::RequestPut(
+                    etcdpb::PutRequest {
+                        key: k,
+                        value,
+                        ..Default::default()
+                    },
+                )),
+            }],
+            failure: Vec::new(),
+        };
+        c.txn(txn)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
     }
 
     async fn get(&mut self, key: &str, serializable: bool) -> Result<(), String> {
@@ -340,6 +385,7 @@ async fn run(cli: Cli) -> Result<Output, Error> {
             let (op, args) = match cmd {
                 BenchCmd::Put(a) => (BenchOp::Put, a),
                 BenchCmd::Get(a) => (BenchOp::Get, a),
+                BenchCmd::Cas(a) => (BenchOp::Cas, a),
             };
             bench(&cli.endpoints, opts, op, args).await
         }
@@ -845,6 +891,7 @@ async fn hash_at(c: &Client, revision: i64, deadline: Instant) -> Result<HashInf
 enum BenchOp {
     Put,
     Get,
+    Cas,
 }
 
 impl BenchOp {
@@ -852,6 +899,7 @@ impl BenchOp {
         match self {
             BenchOp::Put => "put",
             BenchOp::Get => "get",
+            BenchOp::Cas => "cas",
         }
     }
 }
@@ -916,7 +964,12 @@ async fn bench(
         }
     };
 
-    if op == BenchOp::Get && !args.skip_fill {
+    if op == BenchOp::Cas && args.protocol != BenchProtocol::Grpc {
+        return Err(Error::Usage(
+            "bench cas speaks etcd's txn: use --protocol grpc".into(),
+        ));
+    }
+    if op != BenchOp::Put && !args.skip_fill {
         // Every key a get may pick exists, so gets measure reads and not misses. Through the
         // same API as the load, so that the fill works against etcd too.
         let fill = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -967,6 +1020,7 @@ async fn bench(
                 let r = match op {
                     BenchOp::Put => c.put(&key, value.clone()).await,
                     BenchOp::Get => c.get(&key, args.serializable).await,
+                    BenchOp::Cas => c.cas(&key, value.clone()).await,
                 };
                 let us = t0.elapsed().as_micros() as u64;
                 match r {
