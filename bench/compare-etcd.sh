@@ -16,12 +16,15 @@
 # run it records ops/s, p50 and p99, and the servers' CPU (utime+stime of the 3 processes over
 # the run's wall time), and after the last run each server's RSS.
 #
-# Not measured here yet (issue 6 asks for them): watch fan-out, failover against etcd,
-# recovery time and RSS with 1M keys. bench/failover.sh measures Keel's failover.
+# Then failover: KILLS (10) kills of the leader, for each system (see failover_rounds).
+#
+# Not measured here yet (issue 6 asks for them): watch fan-out, recovery time and RSS with 1M
+# keys. bench/failover.sh measures Keel's failover.
 #
 # Run from anywhere:   bench/compare-etcd.sh > table.md
 #   REPS=3  DURATION=10s  SKIP_BUILD=1  BASE_PORT=20000  KEEP_DATA=1
-#   ONLY=REGEX  runs only the workloads whose name matches
+#   ONLY=REGEX  runs only the workloads whose name matches (ONLY=none: failover only)
+#   KILLS=10    failover rounds per system (0: none)
 #   SNAPSHOT_COUNT=N  gives both systems --snapshot-count N (default: each its own default,
 #                     etcd 100,000 and Keel 10,000)
 # Needs etcd and etcdctl (Debian: etcd-server, etcd-client; installed if missing with
@@ -63,26 +66,31 @@ fi
 
 start_etcd() {
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/keel-vs-etcd.XXXXXX")
-  local ports i initial=""
+  local ports i
   read -r -a ports <<<"$(pick_ports 6)"
   PEER_PORTS=("${ports[@]:0:3}")
   CLIENT_PORTS=("${ports[@]:3:3}")
+  ETCD_INITIAL=""
   for i in 1 2 3; do
-    initial+="${initial:+,}node-$i=http://127.0.0.1:${PEER_PORTS[i - 1]}"
+    ETCD_INITIAL+="${ETCD_INITIAL:+,}node-$i=http://127.0.0.1:${PEER_PORTS[i - 1]}"
   done
-  for i in 1 2 3; do
-    etcd --name "node-$i" --data-dir "$WORK/node$i" \
-      --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[i - 1]}" \
-      --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[i - 1]}" \
-      --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[i - 1]}" \
-      --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[i - 1]}" \
-      --initial-cluster "$initial" --initial-cluster-state new \
-      --heartbeat-interval 100 --election-timeout 1000 \
-      ${SNAPSHOT_COUNT:+--snapshot-count "$SNAPSHOT_COUNT"} \
-      >>"$WORK/node$i.log" 2>&1 &
-    NODE_PIDS[i]=$!
-    disown "$!"
-  done
+  for i in 1 2 3; do start_etcd_node "$i"; done
+}
+
+# Starts (or restarts, on its data dir) etcd member $1.
+start_etcd_node() {
+  local i=$1
+  etcd --name "node-$i" --data-dir "$WORK/node$i" \
+    --listen-peer-urls "http://127.0.0.1:${PEER_PORTS[i - 1]}" \
+    --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORTS[i - 1]}" \
+    --listen-client-urls "http://127.0.0.1:${CLIENT_PORTS[i - 1]}" \
+    --advertise-client-urls "http://127.0.0.1:${CLIENT_PORTS[i - 1]}" \
+    --initial-cluster "$ETCD_INITIAL" --initial-cluster-state new \
+    --heartbeat-interval 100 --election-timeout 1000 \
+    ${SNAPSHOT_COUNT:+--snapshot-count "$SNAPSHOT_COUNT"} \
+    >>"$WORK/node$i.log" 2>&1 &
+  NODE_PIDS[i]=$!
+  disown "$!"
 }
 
 start_keel() {
@@ -141,7 +149,7 @@ RESULTS=$(mktemp)
 RSS=$(mktemp)
 # lib.sh's cleanup stops the servers and exits with the script's status, which `(exit $rc)`
 # hands it past the rm.
-trap 'rc=$?; rm -f "$RESULTS" "$RSS"; (exit $rc); cleanup' EXIT
+trap 'rc=$?; rm -f "$RESULTS" "$RSS" "${FAILOVERS:-}"; (exit $rc); cleanup' EXIT
 
 run_workloads() {
   local system=$1 rep=$2 w name clients where args ep out t0 t1 ticks0 ticks1 cores
@@ -175,21 +183,77 @@ run_workloads() {
   done
 }
 
+# Failover, as bench/failover.sh measures it for Keel alone, with one client for both: kill -9
+# the leader, then `etcdctl put` (200 ms command timeout, so that a put held by a
+# server waiting for its election costs at most that much resolution) round-robin through the survivors until
+# one succeeds; the figure is the kill to that success. The member is restarted on its data dir
+# and the cluster waits for one leader and every member healthy before the next kill.
+# Prints "system ms" per kill.
+failover_rounds() {
+  local system=$1 kills=$2 k lead idx t0 t1 n ok
+  for ((k = 1; k <= kills; k++)); do
+    lead=$(leader_endpoint)
+    idx=0
+    for n in "${NODES[@]}"; do [[ $(client_addr "$n") == "$lead" ]] && idx=$n; done
+    ((idx)) || die "$system: leader $lead is not one of ours"
+    kill -KILL "${NODE_PIDS[idx]}"
+    t0=$(date +%s%N)
+    ok=""
+    while [[ -z $ok ]]; do
+      for n in "${NODES[@]}"; do
+        ((n == idx)) && continue
+        if ETCDCTL_API=3 etcdctl --endpoints "$(client_addr "$n")" --dial-timeout 1s \
+          --command-timeout 200ms put "failover-$k" "v" >/dev/null 2>&1; then
+          ok=$n
+          break
+        fi
+        (($(date +%s%N) - t0 < 20000000000)) || die "$system: no write within 20 s of kill $k"
+      done
+    done
+    t1=$(date +%s%N)
+    echo "$system $(((t1 - t0) / 1000000))"
+    log "$system: kill $k of the leader (node $idx): first write after $(((t1 - t0) / 1000000)) ms"
+    if [[ $system == etcd ]]; then start_etcd_node "$idx"; else start_node "$idx"; fi
+    leader_endpoint >/dev/null
+    local deadline=$(($(date +%s) + 60))
+    until ETCDCTL_API=3 etcdctl --endpoints "$(endpoints_all)" --dial-timeout 1s \
+      --command-timeout 2s endpoint health >/dev/null 2>&1; do
+      (($(date +%s) < deadline)) || die "$system: member $idx not healthy again within 60 s"
+      sleep 0.2
+    done
+  done
+}
+
 build
 etcd_version=$(etcd --version | sed -n 's/^etcd Version: //p')
 keel_commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null) ]]; then keel_commit="$keel_commit (dirty)"; fi
 
-for rep in $(seq 1 "$REPS"); do
+if ((${#WORKLOADS[@]})); then
+  for rep in $(seq 1 "$REPS"); do
+    start_etcd
+    leader_endpoint >/dev/null
+    run_workloads etcd "$rep"
+    stop_servers
+    start_keel
+    leader_endpoint >/dev/null
+    run_workloads keel "$rep"
+    stop_servers
+  done
+fi
+
+FAILOVERS=$(mktemp)
+KILLS=${KILLS:-10}
+if ((KILLS > 0)); then
   start_etcd
   leader_endpoint >/dev/null
-  run_workloads etcd "$rep"
+  failover_rounds etcd "$KILLS" >>"$FAILOVERS"
   stop_servers
   start_keel
   leader_endpoint >/dev/null
-  run_workloads keel "$rep"
+  failover_rounds keel "$KILLS" >>"$FAILOVERS"
   stop_servers
-done
+fi
 
 # Median and range of one column over the repetitions of (system, workload, clients, where).
 stat_of() {
@@ -209,6 +273,7 @@ echo "repetitions, etcd and Keel alternating, $DURATION per run, $KEYS keys, $VA
 echo "snapshot count: ${SNAPSHOT_COUNT:-the default of each}."
 echo "Medians over the repetitions, (min-max) for throughput; CPU is the sum of the 3 servers."
 echo
+if ((${#WORKLOADS[@]})); then
 echo "| workload | clients | endpoints | etcd ops/s | Keel ops/s | Keel/etcd | etcd p50 / p99 ms | Keel p50 / p99 ms | etcd cores per 1000 ops/s | Keel cores per 1000 ops/s |"
 echo "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for w in "${WORKLOADS[@]}"; do
@@ -236,3 +301,15 @@ for system in etcd keel; do
     END { for (i = 2; i <= k; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
           if (k) printf "- %s: %.0f MiB (%.0f-%.0f)\n", s, v[int((k + 1) / 2)] / 1024, v[1] / 1024, v[k] / 1024 }' "$RSS"
 done
+fi
+if [[ -s $FAILOVERS ]]; then
+  echo
+  echo "Failover, kill -9 of the leader to the first acknowledged put through a survivor ($KILLS kills each):"
+  for system in etcd keel; do
+    awk -v s="$system" '$1 == s { v[++k] = $2 }
+      END { for (i = 2; i <= k; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
+            if (k) { m = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
+                     line = ""; for (i = 1; i <= k; i++) line = line " " v[i]
+                     printf "- %s: median %d ms, max %d ms (sorted:%s)\n", s, m, v[k], line } }' "$FAILOVERS"
+  done
+fi
