@@ -29,17 +29,7 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn channel(port: u16) -> Channel {
-    Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-fn b(s: &str) -> Bytes {
-    Bytes::copy_from_slice(s.as_bytes())
-}
+use harness::{bytes_of as b, grpc_channel as channel};
 
 /// One watch stream: requests go in through `tx`, answers come out of `rx`.
 struct Stream {

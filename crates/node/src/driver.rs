@@ -374,14 +374,14 @@ enum Input {
     },
     /// Every lease in the local store.
     Leases {
-        reply: oneshot::Sender<Vec<keel_kv::LeaseInfo>>,
+        reply: Reply<Vec<keel_kv::LeaseInfo>>,
     },
     /// A slice of history for a watcher catching up (see `watch::read_history`).
     History {
         start: i64,
         key: Bytes,
         range_end: Bytes,
-        reply: oneshot::Sender<std::result::Result<History, HistoryError>>,
+        reply: Reply<std::result::Result<History, HistoryError>>,
     },
     Transfer {
         to: u64,
@@ -593,7 +593,7 @@ impl RaftLoop {
                 let _ = reply.send(answer);
             }
             Input::Leases { reply } => {
-                let _ = reply.send(self.core.kv().leases());
+                let _ = reply.send(Ok(self.core.kv().leases()));
             }
             Input::History {
                 start,
@@ -601,7 +601,7 @@ impl RaftLoop {
                 range_end,
                 reply,
             } => {
-                let _ = reply.send(read_history(self.core.kv(), start, &key, &range_end));
+                let _ = reply.send(Ok(read_history(self.core.kv(), start, &key, &range_end)));
             }
             Input::Transfer {
                 to,
@@ -1801,13 +1801,8 @@ impl NodeHandle {
 
     /// Every lease in this node's store.
     pub async fn leases(&self) -> Result<Vec<keel_kv::LeaseInfo>> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Input::Leases { reply })?;
-        match tokio::time::timeout(self.shared.request_timeout, answer).await {
-            Ok(Ok(l)) => Ok(l),
-            Ok(Err(_)) => Err(DriverError::Stopped),
-            Err(_) => Err(DriverError::Timeout),
-        }
+        self.call(self.deadline(), |reply| Input::Leases { reply })
+            .await
     }
 
     /// Every change this node applies from now on (see [`crate::watch`]).
@@ -1822,18 +1817,13 @@ impl NodeHandle {
         key: Bytes,
         range_end: Bytes,
     ) -> Result<std::result::Result<History, HistoryError>> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Input::History {
+        self.call(self.deadline(), |reply| Input::History {
             start,
             key,
             range_end,
             reply,
-        })?;
-        match tokio::time::timeout(self.shared.request_timeout, answer).await {
-            Ok(Ok(h)) => Ok(h),
-            Ok(Err(_)) => Err(DriverError::Stopped),
-            Err(_) => Err(DriverError::Timeout),
-        }
+        })
+        .await
     }
 
     /// The node's metrics in Prometheus text format.

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{forwarded_request, status_of, Shared, FORWARDED};
+use super::{forwarded_request, is_forwarded, status_of, Shared};
 
 /// Answers a keep-alive stream holds for its client: keep-alives are answered one at a time, so
 /// a few are enough; a client that does not read them stops being read from.
@@ -157,10 +157,6 @@ fn ttl_out(
             keys: Vec::new(),
         },
     }
-}
-
-fn is_forwarded<T>(r: &Request<T>) -> bool {
-    r.metadata().contains_key(FORWARDED)
 }
 
 type KeepAliveStream =

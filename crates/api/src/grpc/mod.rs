@@ -60,6 +60,10 @@ pub const FORWARDED: &str = "keel-forwarded";
 /// How long connecting to the leader may take before a forwarding try counts as failed.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+fn is_forwarded<T>(r: &Request<T>) -> bool {
+    r.metadata().contains_key(FORWARDED)
+}
+
 fn forwarded_request<T>(msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     req.metadata_mut()
@@ -372,7 +376,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        let forwarded = req.metadata().contains_key(FORWARDED);
+        let forwarded = is_forwarded(&req);
         let id = req.into_inner().id;
         let st = self.0.app.node.status().await.map_err(status_of)?;
         if st.voters.contains(&id) {
