@@ -30,7 +30,7 @@ mod watch;
 
 pub use codec::COMMAND_FORMAT_VERSION;
 pub use error::{DecodeError, Error};
-pub use snapshot::SNAPSHOT_FORMAT_VERSION;
+pub use snapshot::{StoreImage, SNAPSHOT_FORMAT_VERSION};
 pub use store::Store;
 pub use types::*;
 

@@ -7,13 +7,14 @@
 //! rebuilt on restore rather than stored, so it cannot disagree with what it derives from.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::codec::{put_bytes, put_ivarint, put_uvarint, Reader};
 use crate::dedup::Dedup;
 use crate::hash::{kv_hash, lease_hash};
-use crate::store::{Entry, Lease, LogRef, Store};
+use crate::store::{Entry, Keys, Lease, LogRef, Store};
 use crate::DecodeError;
 
 const MAGIC: [u8; 8] = *b"KEELKVSN";
@@ -28,38 +29,95 @@ const MAX_REVISION: i64 = 1 << 62;
 const HEADER_LEN: usize = MAGIC.len() + 4;
 const CRC_LEN: usize = 4;
 
-impl Store {
-    pub fn snapshot(&self) -> Bytes {
-        let mut buf = Vec::with_capacity(64 + self.log.len() * 16);
+/// The store as of one applied index, for a snapshot: taken in O(1) on the thread that applies
+/// (`Store::image`), encoded on any other (`StoreImage::encode`) while apply goes on. It shares
+/// the key tree with the store; a later write copies the nodes it changes, so the image never
+/// sees it.
+#[derive(Debug, Clone)]
+pub struct StoreImage {
+    applied_index: u64,
+    revision: i64,
+    compact_revision: i64,
+    next_lease_id: i64,
+    keys: Keys,
+    /// `(id, ttl, granted_ttl)` in id order: what a snapshot keeps of a lease (its keys are
+    /// derived on restore).
+    leases: Vec<(i64, i64, i64)>,
+    dedup: Dedup,
+}
+
+impl StoreImage {
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The snapshot bytes ([`Store::restore`] reads them).
+    pub fn encode(&self) -> Bytes {
+        let mut buf = Vec::new();
+        self.encode_into(&mut buf);
+        Bytes::from(buf)
+    }
+
+    /// Appends the snapshot bytes to `buf`, so that a caller framing them (the node's snapshot
+    /// adds its own header) writes the state once rather than copying it.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        let start = buf.len();
         buf.extend_from_slice(&MAGIC);
         buf.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        put_uvarint(&mut buf, self.applied_index);
-        put_ivarint(&mut buf, self.revision);
-        put_ivarint(&mut buf, self.compact_revision);
-        put_ivarint(&mut buf, self.next_lease_id);
-        put_uvarint(&mut buf, self.keys.len() as u64);
+        put_uvarint(buf, self.applied_index);
+        put_ivarint(buf, self.revision);
+        put_ivarint(buf, self.compact_revision);
+        put_ivarint(buf, self.next_lease_id);
+        put_uvarint(buf, self.keys.len() as u64);
         for (key, hist) in &self.keys {
-            put_bytes(&mut buf, key);
-            put_uvarint(&mut buf, hist.len() as u64);
-            for e in hist {
-                put_ivarint(&mut buf, e.mod_revision);
-                put_uvarint(&mut buf, u64::from(e.sub));
-                put_ivarint(&mut buf, e.create_revision);
-                put_ivarint(&mut buf, e.version);
-                put_ivarint(&mut buf, e.lease);
-                put_bytes(&mut buf, &e.value);
+            put_bytes(buf, key);
+            put_uvarint(buf, hist.len() as u64);
+            for e in hist.iter() {
+                put_ivarint(buf, e.mod_revision);
+                put_uvarint(buf, u64::from(e.sub));
+                put_ivarint(buf, e.create_revision);
+                put_ivarint(buf, e.version);
+                put_ivarint(buf, e.lease);
+                put_bytes(buf, &e.value);
             }
         }
-        put_uvarint(&mut buf, self.leases.len() as u64);
-        for (&id, lease) in &self.leases {
-            put_ivarint(&mut buf, id);
-            put_ivarint(&mut buf, lease.ttl);
-            put_ivarint(&mut buf, lease.granted_ttl);
+        put_uvarint(buf, self.leases.len() as u64);
+        for &(id, ttl, granted_ttl) in &self.leases {
+            put_ivarint(buf, id);
+            put_ivarint(buf, ttl);
+            put_ivarint(buf, granted_ttl);
         }
-        self.dedup.put(&mut buf);
-        let crc = crc32c::crc32c(&buf);
+        self.dedup.put(buf);
+        let crc = crc32c::crc32c(&buf[start..]);
         buf.extend_from_slice(&crc.to_le_bytes());
-        Bytes::from(buf)
+    }
+}
+
+impl Store {
+    /// The state to snapshot, in O(1) for the key space (O(leases + dedup table) for the rest).
+    pub fn image(&self) -> StoreImage {
+        StoreImage {
+            applied_index: self.applied_index,
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            next_lease_id: self.next_lease_id,
+            keys: self.keys.clone(),
+            leases: self
+                .leases
+                .iter()
+                .map(|(&id, l)| (id, l.ttl, l.granted_ttl))
+                .collect(),
+            dedup: self.dedup.clone(),
+        }
+    }
+
+    /// The whole store as snapshot bytes: `image().encode()`, for callers that do both at once.
+    pub fn snapshot(&self) -> Bytes {
+        self.image().encode()
     }
 
     /// Rebuilds a store from [`Store::snapshot`] bytes. Refuses, without panicking, anything else:
@@ -112,14 +170,14 @@ fn read_body(r: &mut Reader<'_>) -> Result<Store, DecodeError> {
         return Err(inconsistent("lease id counter below 1"));
     }
 
-    let mut keys: BTreeMap<Bytes, Vec<Entry>> = BTreeMap::new();
+    let mut keys = Keys::new();
     let n_keys = r.count()?;
     for _ in 0..n_keys {
         let key = r.bytes()?;
         if key.is_empty() {
             return Err(inconsistent("empty key"));
         }
-        if keys.last_key_value().is_some_and(|(last, _)| *last >= key) {
+        if keys.get_max().is_some_and(|(last, _)| *last >= key) {
             return Err(inconsistent("keys out of order"));
         }
         let hist = r.vec(|r| {
@@ -133,7 +191,7 @@ fn read_body(r: &mut Reader<'_>) -> Result<Store, DecodeError> {
             })
         })?;
         check_history(&hist, revision, compact_revision)?;
-        keys.insert(key, hist);
+        keys.insert(key, Arc::new(hist));
     }
 
     let mut leases: BTreeMap<i64, Lease> = BTreeMap::new();

@@ -1,9 +1,13 @@
 //! The key space: histories, the write primitives every op is built from, apply dispatch, range and
 //! compaction.
 
-use std::collections::{btree_map, BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use imbl::ordmap::RangedIter;
+use imbl::shared_ptr::DefaultSharedPtr;
+use imbl::OrdMap;
 
 use crate::dedup::{Dedup, Seen};
 use crate::hash::kv_hash;
@@ -46,6 +50,14 @@ impl Entry {
     }
 }
 
+/// One key's versions, oldest first. Shared (`Arc`) so that copying a tree node after a snapshot
+/// image bumps a count per key rather than copying every history in the node; a write then
+/// copies only the history it changes (`Arc::make_mut`), and only while an image shares it.
+pub(crate) type History = Arc<Vec<Entry>>;
+
+/// Every key's history; see `Store::keys`.
+pub(crate) type Keys = OrdMap<Bytes, History>;
+
 /// Where a history entry above the compaction point sits, in revision order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LogRef {
@@ -72,7 +84,12 @@ pub struct Store {
     /// point), or a tombstone exactly at it (a watch from the compaction point must still see
     /// that delete, as etcd's does). Older versions, and tombstones below the point, are dropped:
     /// nothing at or after the compaction point can see them.
-    pub(crate) keys: BTreeMap<Bytes, Vec<Entry>>,
+    ///
+    /// A persistent (copy-on-write) map rather than a `BTreeMap`: a snapshot takes it in O(1)
+    /// (`Store::image`) and is encoded on another thread while apply goes on, where a copy of a
+    /// large store would stall the Raft thread for as long as encoding it. A write after a
+    /// snapshot copies only the tree nodes on its path, once.
+    pub(crate) keys: Keys,
     /// One reference per history entry at or above `compact_revision` (above it when never
     /// compacted, i.e. every entry), in `(revision, sub)` order. Lets a watch catch up by
     /// scanning revisions rather than every key, and tells compaction which keys it has to
@@ -134,14 +151,14 @@ pub(crate) fn visible(hist: &[Entry], rev: i64) -> Option<&Entry> {
 
 /// The keys a `(key, range_end)` pair selects, with their histories, in key order.
 pub(crate) enum Scan<'a> {
-    /// A single key is looked up directly: a one-key `BTreeMap::range` descends the tree twice,
+    /// A single key is looked up directly: a one-key range descends the tree twice,
     /// once per bound.
-    One(Option<(&'a Bytes, &'a Vec<Entry>)>),
-    Many(btree_map::Range<'a, Bytes, Vec<Entry>>),
+    One(Option<(&'a Bytes, &'a History)>),
+    Many(RangedIter<'a, Bytes, History, DefaultSharedPtr>),
 }
 
 impl<'a> Iterator for Scan<'a> {
-    type Item = (&'a Bytes, &'a Vec<Entry>);
+    type Item = (&'a Bytes, &'a History);
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
@@ -154,7 +171,7 @@ impl<'a> Iterator for Scan<'a> {
 impl Store {
     pub fn new() -> Store {
         Store {
-            keys: BTreeMap::new(),
+            keys: Keys::new(),
             log: VecDeque::new(),
             revision: 1,
             compact_revision: 0,
@@ -171,7 +188,7 @@ impl Store {
     pub(crate) fn scan<'a>(&'a self, key: &'a [u8], range_end: &'a [u8]) -> Scan<'a> {
         match Span::new(key, range_end) {
             Span::One(k) => Scan::One(self.keys.get_key_value(k)),
-            span => Scan::Many(self.keys.range::<[u8], _>(span.bounds())),
+            span => Scan::Many(self.keys.range::<_, [u8]>(span.bounds())),
         }
     }
 
@@ -397,7 +414,7 @@ impl Store {
         lease: i64,
     ) -> Option<KeyValue> {
         let (rev, sub) = w.next();
-        let hist = self.keys.entry(key.clone()).or_default();
+        let hist = Arc::make_mut(self.keys.entry(key.clone()).or_default());
         let prev = hist.last().filter(|e| e.is_live()).map(|e| e.to_kv(key));
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
@@ -443,7 +460,7 @@ impl Store {
 
     /// Writes a tombstone for `key` if it is live; returns the version it ends.
     pub(crate) fn delete_key(&mut self, w: &mut Write, key: &Bytes) -> Option<KeyValue> {
-        let hist = self.keys.get_mut(key)?;
+        let hist = Arc::make_mut(self.keys.get_mut(key)?);
         let prev = hist.last().filter(|e| e.is_live())?.to_kv(key);
         let (rev, sub) = w.next();
         let tombstone = Entry {
@@ -577,7 +594,7 @@ impl Store {
     }
 
     fn compact_key(&mut self, key: &Bytes, rev: i64) {
-        let Some(hist) = self.keys.get_mut(key) else {
+        let Some(hist) = self.keys.get_mut(key).map(Arc::make_mut) else {
             return;
         };
         let below = hist.partition_point(|e| e.mod_revision <= rev);

@@ -107,6 +107,40 @@ fn snapshot_restore_round_trips_everything() {
 }
 
 #[test]
+fn an_image_encodes_the_state_it_was_taken_at_whatever_is_applied_after() {
+    let mut kv = rich();
+    let before = kv.store.clone();
+    let expected = kv.store.snapshot();
+    let image = kv.store.image();
+    assert_eq!(image.applied_index(), before.applied_index());
+    assert_eq!(image.revision(), before.revision());
+
+    // Overwrites, new keys, deletes, a revoke and a compaction: every kind of change to the
+    // shared key tree, the lease table and the dedup table.
+    for i in 0..500 {
+        kv.put(&format!("k{:02}", i % 40), &format!("after{i}"));
+    }
+    kv.delete("k1", "k2");
+    kv.revoke(1);
+    kv.apply_cmd(&Command::with_id(
+        RequestId {
+            proposer: 9,
+            seq: 1,
+        },
+        Op::Noop,
+    ));
+    kv.compact(kv.store.revision() - 5).unwrap();
+    assert_ne!(kv.store.snapshot(), expected);
+
+    // Encoded elsewhere, as the node does, while the store is still being written here.
+    let encoder = std::thread::spawn(move || image.encode());
+    kv.put("k00", "during");
+    let encoded = encoder.join().unwrap();
+    assert_eq!(encoded, expected);
+    assert_eq!(Store::restore(&encoded).unwrap(), before);
+}
+
+#[test]
 fn snapshot_keeps_event_order_within_a_revision() {
     let mut kv = Kv::new();
     kv.txn(TxnRequest {

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use crate::entry::{self, Envelope, NodeEntry};
 use crate::lessor::LeaseChange;
 use crate::log_store::LogStore;
-use crate::snapshot::{self, AddressBook, Attributes, MemberAttrs};
+use crate::snapshot::{self, AddressBook, Attributes, MemberAttrs, NodeImage};
 
 /// Identifies a request to whoever made it; opaque to the node.
 pub type Token = u64;
@@ -235,7 +235,7 @@ pub struct NodeCore<S: LogStore> {
     /// Snapshots received from a leader and installed since start (not the ones taken here).
     snapshots_installed: u64,
     /// With `background_snapshots`: a snapshot prepared and not yet taken by the caller.
-    snapshot_job: Option<Snapshot>,
+    snapshot_job: Option<SnapshotJob>,
     /// With `background_snapshots`: the index of the snapshot being written. Invariant: at most
     /// one at a time, so files are written in index order and memory holds one copy.
     snapshot_writing: Option<u64>,
@@ -361,7 +361,18 @@ impl<S: LogStore> NodeCore<S> {
     /// This node's state as a snapshot holds it (address book, attributes, state machine):
     /// what a Raft snapshot's data would be at `applied()`.
     pub fn snapshot_data(&self) -> Bytes {
-        snapshot::encode(&self.peers, &self.attrs, &self.kv.snapshot())
+        self.image().encode()
+    }
+
+    /// The state `snapshot_data` encodes, taken without encoding it: O(1) for the key space,
+    /// so the caller can encode it off the Raft thread.
+    pub fn image(&self) -> NodeImage {
+        NodeImage::new(
+            self.applied,
+            self.peers.clone(),
+            self.attrs.clone(),
+            self.kv.image(),
+        )
     }
 
     pub fn applied(&self) -> u64 {
@@ -911,18 +922,22 @@ impl<S: LogStore> NodeCore<S> {
             return Ok(());
         }
         let cs = self.raw.raft.trk.conf_state();
-        let data = self.snapshot_data();
         let (index, margin) = (self.applied, self.cfg.compaction_margin);
         if self.cfg.background_snapshots {
+            // Encoded by whoever writes it: here only the image is taken.
             let snap = self
                 .raw
                 .store()
-                .prepare_snapshot(index, cs, data)
+                .prepare_snapshot(index, cs, Bytes::new())
                 .map_err(NodeError::Storage)?;
-            self.snapshot_job = Some(snap);
+            self.snapshot_job = Some(SnapshotJob {
+                snap,
+                image: self.image(),
+            });
             self.snapshot_writing = Some(index);
             return Ok(());
         }
+        let data = self.snapshot_data();
         self.raw
             .store_mut()
             .snapshot_and_compact(index, cs, data, margin)
@@ -945,9 +960,10 @@ impl<S: LogStore> NodeCore<S> {
         std::mem::take(&mut self.lease_changes)
     }
 
-    /// With `background_snapshots`: the snapshot to write durably (the store's `SnapStore::save`
-    /// on any thread), then to hand back with `snapshot_saved`.
-    pub fn take_snapshot_job(&mut self) -> Option<Snapshot> {
+    /// With `background_snapshots`: the snapshot to build (`SnapshotJob::build`) and write
+    /// durably (the store's `SnapStore::save`), both on any thread, then to hand back with
+    /// `snapshot_saved`.
+    pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob> {
         self.snapshot_job.take()
     }
 
@@ -972,6 +988,31 @@ impl<S: LogStore> NodeCore<S> {
             self.last_snapshot = self.last_snapshot.max(index);
         }
         Ok(())
+    }
+}
+
+/// A snapshot to write (see `NodeCore::take_snapshot_job`): its position and configuration,
+/// and the state it holds, not yet encoded.
+#[derive(Debug)]
+pub struct SnapshotJob {
+    /// Metadata filled in; `data` empty until `build`.
+    snap: Snapshot,
+    image: NodeImage,
+}
+
+impl SnapshotJob {
+    /// The index the snapshot is at.
+    pub fn index(&self) -> u64 {
+        snapshot_position(&self.snap).0
+    }
+
+    /// Encodes the state: the cost of a snapshot that grows with the store, for a thread other
+    /// than the Raft thread to pay.
+    pub fn build(self) -> Snapshot {
+        Snapshot {
+            data: self.image.encode(),
+            ..self.snap
+        }
     }
 }
 

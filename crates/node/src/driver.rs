@@ -35,10 +35,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, PeerAddrError, Token, WatchFeed};
+use crate::core::{
+    NodeConfig, NodeCore, NodeError, Outcome, PeerAddrError, SnapshotJob, Token, WatchFeed,
+};
 use crate::lessor::{LeaseChange, Lessor};
 use crate::metrics::Metrics;
-use crate::snapshot::{self, AddressBook, Attributes, MemberAttrs};
+use crate::snapshot::{self, AddressBook, Attributes, MemberAttrs, NodeImage};
 use crate::watch::{read_history, History, HistoryError, WatchHub};
 
 /// Inputs the Raft thread handles before it takes a Ready. Every input taken before a Ready is
@@ -350,7 +352,7 @@ enum Input {
     },
     /// This node's state encoded as a snapshot holds it: (data, applied index, revision).
     SnapshotData {
-        reply: Reply<(Bytes, u64, i64)>,
+        reply: Reply<NodeImage>,
     },
     /// A serializable read of the local state.
     ReadLocal {
@@ -690,10 +692,9 @@ impl RaftLoop {
                 self.admit(token, deadline, Waiter::Conf(reply), r)?;
             }
             Input::SnapshotData { reply } => {
-                // Encoded here, between two Readies, so the copy is of one applied index.
-                let data = self.core.snapshot_data();
-                let answer = (data, self.core.applied(), self.core.kv().revision());
-                let _ = reply.send(Ok(answer));
+                // Taken here, between two Readies, so the image is of one applied index; the
+                // caller encodes it, off this thread.
+                let _ = reply.send(Ok(self.core.image()));
             }
             Input::SnapshotSaved { snap, result, took } => {
                 let index = keel_raft::storage::snapshot_position(&snap).0;
@@ -1004,8 +1005,8 @@ impl RaftLoop {
             self.deliver(o);
         }
         self.finish_transfers();
-        if let Some(snap) = self.core.take_snapshot_job() {
-            self.write_snapshot(snap)?;
+        if let Some(job) = self.core.take_snapshot_job() {
+            self.write_snapshot(job)?;
         }
         let raft = &self.core.raw().raft;
         let m = &self.metrics;
@@ -1036,15 +1037,16 @@ impl RaftLoop {
         Ok(())
     }
 
-    /// Writes a snapshot file on a thread of its own (an fsync of the whole state would stall
-    /// heartbeats here), and reports back through the input channel.
-    fn write_snapshot(&self, snap: Snapshot) -> Result<(), NodeError> {
+    /// Encodes and writes a snapshot file on a thread of its own (encoding the whole state, and
+    /// an fsync of it, would stall heartbeats here), and reports back through the input channel.
+    fn write_snapshot(&self, job: SnapshotJob) -> Result<(), NodeError> {
         let store = self.core.raw().store().snap_store().clone();
         let tx = self.self_tx.clone();
         std::thread::Builder::new()
             .name(format!("keel-snap-{}", self.id))
             .spawn(move || {
                 let started = Instant::now();
+                let snap = job.build();
                 let result = store.save(&snap).map(|_| ()).map_err(|e| e.to_string());
                 // Gone only when the node is shutting down; the file is then adopted (or
                 // removed as unrecorded) when the data dir is next opened.
@@ -1686,9 +1688,14 @@ impl NodeHandle {
             .map_err(|_| {
                 DriverError::Busy("a snapshot is already being sent from this member".into())
             })?;
-        let (data, applied, revision) = self
+        let image = self
             .call(self.deadline(), |reply| Input::SnapshotData { reply })
             .await?;
+        let (applied, revision) = (image.applied(), image.revision());
+        // Encoding grows with the store: a blocking thread's work, not the runtime's.
+        let data = tokio::task::spawn_blocking(move || image.encode())
+            .await
+            .map_err(|e| DriverError::Storage(format!("encoding a snapshot: {e}")))?;
         Ok(SnapshotData {
             data,
             applied,

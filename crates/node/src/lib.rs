@@ -17,5 +17,7 @@ pub mod watch;
 
 #[cfg(feature = "bug-injection")]
 pub use crate::core::InjectedBugs;
-pub use crate::core::{NodeConfig, NodeCore, NodeError, Outcome, Outgoing, Token, WatchFeed};
+pub use crate::core::{
+    NodeConfig, NodeCore, NodeError, Outcome, Outgoing, SnapshotJob, Token, WatchFeed,
+};
 pub use crate::log_store::LogStore;

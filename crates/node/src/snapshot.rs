@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use keel_kv::StoreImage;
 
 /// The layout written. Bumped from `KNS1` when the attributes section was added; a reader of
 /// the old version would take the attributes for the state machine's bytes and refuse them.
@@ -193,9 +194,16 @@ impl<'a> Cursor<'a> {
 }
 
 pub fn encode(book: &AddressBook, attrs: &Attributes, kv: &[u8]) -> Bytes {
+    let mut b = header(book, attrs, kv.len());
+    b.extend_from_slice(kv);
+    Bytes::from(b)
+}
+
+/// The address book and attributes, with room reserved for `kv_len` more bytes.
+fn header(book: &AddressBook, attrs: &Attributes, kv_len: usize) -> Vec<u8> {
     let book_len: usize = book.values().map(|a| 10 + a.len()).sum();
     let attrs_len: usize = attrs.values().map(|a| 8 + a.encoded_len()).sum();
-    let mut b = BytesMut::with_capacity(12 + book_len + attrs_len + kv.len());
+    let mut b = BytesMut::with_capacity(12 + book_len + attrs_len + kv_len);
     b.put_slice(MAGIC);
     b.put_u32_le(book.len() as u32);
     for (&id, addr) in book {
@@ -207,8 +215,47 @@ pub fn encode(book: &AddressBook, attrs: &Attributes, kv: &[u8]) -> Bytes {
         b.put_u64_le(id);
         a.put(&mut b);
     }
-    b.put_slice(kv);
-    b.freeze()
+    b.into()
+}
+
+/// A node's state as of one applied index, taken cheaply on the Raft thread (`NodeCore::image`)
+/// and encoded into snapshot data on another thread (`encode`), so a snapshot of a large store
+/// never stalls heartbeats and appends for as long as its encoding takes.
+#[derive(Debug, Clone)]
+pub struct NodeImage {
+    /// The node's applied index, which can be past the state machine's own (conf changes and
+    /// node entries are applied without a command to the store).
+    applied: u64,
+    book: AddressBook,
+    attrs: Attributes,
+    kv: StoreImage,
+}
+
+impl NodeImage {
+    pub fn new(applied: u64, book: AddressBook, attrs: Attributes, kv: StoreImage) -> NodeImage {
+        NodeImage {
+            applied,
+            book,
+            attrs,
+            kv,
+        }
+    }
+
+    /// The applied index the image is of.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.kv.revision()
+    }
+
+    /// The same bytes as `encode(book, attrs, &kv.encode())`, written once.
+    pub fn encode(&self) -> Bytes {
+        let mut b = header(&self.book, &self.attrs, 0);
+        self.kv.encode_into(&mut b);
+        Bytes::from(b)
+    }
 }
 
 /// Splits snapshot data into the address book, the attributes and the state machine's

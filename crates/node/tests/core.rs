@@ -300,8 +300,20 @@ fn background_snapshots_are_written_by_the_caller_one_at_a_time() {
         snap_before,
         "not adopted before it is written"
     );
-    let index = job.metadata.as_ref().unwrap().index;
+    let index = job.index();
     assert!(index >= 8, "{index}");
+    // The job holds the state as of its index, though writes were applied after it was
+    // taken and it is encoded only now.
+    assert!(c.nodes[&1].applied() > index);
+    let job = job.build();
+    let kv = keel_node::snapshot::decode(&job.data).unwrap().kv;
+    let at_index = keel_kv::Store::restore(&kv).unwrap();
+    assert!(at_index.applied_index() <= index);
+    assert!(at_index.revision() < c.nodes[&1].kv().revision());
+    assert!(
+        at_index.get(b"k19").is_none(),
+        "a later write leaked into the image"
+    );
     let first_before = keel_raft::Storage::first_index(c.nodes[&1].raw().store()).unwrap();
     c.nodes[&1].raw().store().snap_store().save(&job).unwrap();
     c.node(1).snapshot_saved(job.clone()).unwrap();
