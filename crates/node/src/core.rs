@@ -308,7 +308,8 @@ impl<S: LogStore> NodeCore<S> {
         let (peers, attrs, kv) = restore(&snap.data)?;
         let mut raft_cfg = cfg.raft.clone();
         raft_cfg.applied = index;
-        let raw = RawNode::new(&raft_cfg, store)?;
+        let mut raw = RawNode::new(&raft_cfg, store)?;
+        raw.store_mut().unload_snapshot_data();
         Ok(NodeCore {
             raw,
             kv,
@@ -696,6 +697,7 @@ impl<S: LogStore> NodeCore<S> {
         if let Some(snap) = &f.snapshot {
             let (index, _) = snapshot_position(snap);
             (self.peers, self.attrs, self.kv) = restore(&snap.data)?;
+            self.raw.store_mut().unload_snapshot_data();
             self.applied = index;
             self.last_snapshot = index;
             self.snapshots_installed += 1;

@@ -33,6 +33,9 @@ pub trait LogStore: Storage {
     /// Records a snapshot whose file is durable and drops log entries up to `margin` before
     /// it. `false` when a newer snapshot was installed meanwhile (nothing changes).
     fn adopt_snapshot(&mut self, snap: Snapshot, margin: u64) -> Result<bool, String>;
+    /// The state machine has been restored from the latest snapshot: its data need not stay in
+    /// memory too (it is read again only to send it to a follower).
+    fn unload_snapshot_data(&mut self);
 }
 
 impl LogStore for WalStorage {
@@ -75,5 +78,9 @@ impl LogStore for WalStorage {
             self.compact_keeping(margin).map_err(|e| e.to_string())?;
         }
         Ok(adopted)
+    }
+
+    fn unload_snapshot_data(&mut self) {
+        WalStorage::unload_snapshot_data(self)
     }
 }

@@ -8,6 +8,8 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+
 /// A file system as the WAL needs it. Paths are plain `Path`s; names returned by `list_dir` are
 /// bare file names.
 pub trait Fs: Send + Sync + fmt::Debug {
@@ -46,6 +48,26 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     fn preallocate(&mut self, len: u64) -> io::Result<()>;
     /// fdatasync: the file's data and size are durable when this returns Ok.
     fn sync_data(&mut self) -> io::Result<()>;
+    /// `len` bytes at `offset`, read-only, for data kept at hand but rarely read (the snapshot
+    /// a leader holds for lagging followers). This copy reads them into memory; a real file
+    /// maps them instead, so they cost no memory until read and the kernel can drop them again.
+    /// The caller must never change or shorten the file while the bytes live.
+    fn map(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        let mut buf = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            match self.read_at(&mut buf[done..], offset + done as u64)? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("cannot read {len} bytes at offset {offset}: the file is shorter"),
+                    ))
+                }
+                n => done += n,
+            }
+        }
+        Ok(Bytes::from(buf))
+    }
 }
 
 /// Reads exactly `buf.len()` bytes at `offset` or fails with `UnexpectedEof`.
@@ -75,6 +97,41 @@ pub fn read_exact_at(file: &dyn FsFile, buf: &mut [u8], offset: u64) -> io::Resu
 /// The real file system.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StdFs;
+
+/// A read-only mapping of a file (`StdFile::map`), unmapped when the last `Bytes` of it drops.
+/// Its pages belong to the page cache: resident only while read, and reclaimable.
+#[cfg(unix)]
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone; reading it from any thread
+// is as safe as reading any immutable memory.
+#[cfg(unix)]
+unsafe impl Send for Mapping {}
+#[cfg(unix)]
+unsafe impl Sync for Mapping {}
+
+#[cfg(unix)]
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until `drop`. The files mapped (snapshots) are
+        // written once before they are mapped and never changed after, only removed, which
+        // leaves the mapping valid.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+#[cfg(unix)]
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `mmap` returned, once.
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
+}
 
 #[derive(Debug)]
 struct StdFile(std::fs::File);
@@ -137,6 +194,47 @@ impl Fs for StdFs {
 impl FsFile for StdFile {
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
+    }
+
+    #[cfg(unix)]
+    fn map(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let file_len = self.len()?;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("cannot map {len} bytes at offset {offset}: the file is shorter"),
+            ));
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let start = offset - offset % page;
+        let skip = (offset - start) as usize;
+        let map_len = skip + len;
+        let file_off = libc::off_t::try_from(start)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: a fresh read-only shared mapping of an open descriptor; the kernel picks the
+        // address. It stays valid after the descriptor closes.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                self.0.as_raw_fd(),
+                file_off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Bytes::from_owner(Mapping { ptr, len: map_len }).slice(skip..))
     }
 
     #[cfg(unix)]

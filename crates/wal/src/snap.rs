@@ -300,6 +300,40 @@ impl SnapStore {
         decode_body(Bytes::from(body), &h).map_err(bad)
     }
 
+    /// `snap`'s data as its file holds it, mapped rather than read (`FsFile::map`), for a
+    /// caller that keeps a snapshot at hand (to send to followers) without keeping it in
+    /// memory. `snap` must be one this store saved or loaded: the file was checked then, and
+    /// only its layout is checked again here.
+    pub fn map_data(&self, snap: &Snapshot) -> Result<Bytes> {
+        let (index, term) = keel_raft::storage::snapshot_position(snap);
+        let path = join(&self.dir, &snapshot_name(index, term));
+        let bad = |reason: String| Error::BadSnapshot {
+            path: path.clone(),
+            reason,
+        };
+        let f = self
+            .fs
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        let mut hb = [0u8; SNAP_HEADER_LEN + 4];
+        read_exact_at(f.as_ref(), &mut hb, 0).map_err(|e| Error::io("read", &path, e))?;
+        let h = SnapHeader::decode(&hb[..SNAP_HEADER_LEN], self.cluster_id).map_err(bad)?;
+        let meta_len = u32::from_le_bytes(hb[SNAP_HEADER_LEN..].try_into().expect("4"));
+        let at = SNAP_HEADER_LEN as u64 + 4 + u64::from(meta_len);
+        let len = (SNAP_HEADER_LEN as u64 + h.body_len).checked_sub(at);
+        if (h.index, h.term) != (index, term) || len != Some(snap.data.len() as u64) {
+            return Err(bad(format!(
+                "holds index {} term {} and {len:?} data bytes, not the snapshot at index \
+                 {index} term {term} with {} bytes",
+                h.index,
+                h.term,
+                snap.data.len()
+            )));
+        }
+        f.map(at, snap.data.len())
+            .map_err(|e| Error::io("map", &path, e))
+    }
+
     /// The newest snapshot that loads, at or below `max_index`, falling back past damaged ones
     /// (each named in a warning). `accept` may reject a loaded snapshot (the WAL cannot continue
     /// from it); rejected ones are skipped with a warning too.

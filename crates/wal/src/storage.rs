@@ -370,8 +370,23 @@ impl WalStorage {
         }
         self.wal.mark_snapshot(index, term)?;
         self.snapshot = snap;
+        self.unload_snapshot_data();
         self.snaps.retain(self.keep_snapshots)?;
         Ok(true)
+    }
+
+    /// Swaps the snapshot's data held for `Storage::snapshot` (for followers that need it) for
+    /// a mapping of its file: the state machine already holds the same state, and a second
+    /// copy in memory would double what a node needs. Call it once the data has been restored
+    /// from. If the file cannot be mapped the data stays in memory, which costs only memory.
+    pub fn unload_snapshot_data(&mut self) {
+        if self.snapshot.data.is_empty() {
+            return;
+        }
+        match self.snaps.map_data(&self.snapshot) {
+            Ok(mapped) => self.snapshot.data = mapped,
+            Err(e) => warn!(error = %e, "keeping the snapshot in memory: it cannot be mapped"),
+        }
     }
 
     /// Discards entries up to and including `compact_index` (which a snapshot must cover) and

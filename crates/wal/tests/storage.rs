@@ -434,3 +434,49 @@ fn storage_runs_on_the_real_file_system() {
     assert_eq!(w.snapshot(0).unwrap(), m.snapshot(0).unwrap());
     assert!(Path::new(&d.join("snap")).exists());
 }
+
+#[test]
+fn snapshot_data_served_from_its_mapped_file_is_the_data_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("node");
+    let fs: Arc<dyn Fs> = Arc::new(keel_wal::StdFs);
+    let cs = ConfState {
+        voters: vec![1],
+        learners: vec![],
+    };
+    let mut w = WalStorage::bootstrap(fs.clone(), &d, opts(), cs.clone()).unwrap();
+    w.save(
+        Some(&HardState {
+            term: 1,
+            vote: 1,
+            commit: 5,
+        }),
+        &ents(1, 5, 1),
+    )
+    .unwrap();
+    // Several pages, starting at an offset in the file that is not page aligned.
+    let data: Bytes = (0..3 * 4096 + 123).map(|i| (i * 7 % 251) as u8).collect();
+    w.create_snapshot(5, cs, data.clone()).unwrap();
+    assert_eq!(w.snapshot(0).unwrap().data, data);
+    w.unload_snapshot_data();
+    assert_eq!(w.snapshot(0).unwrap().data, data);
+    drop(w);
+
+    let mut w = WalStorage::open(fs, &d, opts()).unwrap();
+    assert_eq!(w.snapshot(0).unwrap().data, data);
+    w.unload_snapshot_data();
+    let held = w.snapshot(0).unwrap().data;
+    assert_eq!(held, data);
+    // A file replaced behind the store's back is not served: the data stays what it was.
+    let snap_dir = d.join("snap");
+    let file = std::fs::read_dir(&snap_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "snap"))
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, b"not a snapshot").unwrap();
+    w.unload_snapshot_data();
+    assert_eq!(w.snapshot(0).unwrap().data, data);
+    drop(held);
+}
