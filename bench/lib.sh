@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers shared by bench/cluster-bench.sh and bench/failover.sh: build, start a local
+# Helpers shared by the scripts in bench/: build, start a local
 # 3-node cluster on 127.0.0.1, query it, and stop everything on exit. Sourced, not run.
 #
 # Environment understood here:
@@ -108,6 +108,21 @@ wait_for_leader() {
     sleep 0.1
   done
   die "no leader agreed on by nodes $* within ${timeout}s"
+}
+
+# Stops the running cluster (SIGTERM, up to 10 s, then SIGKILL) and removes its data (unless
+# KEEP_DATA=1), for scripts that start one cluster after another.
+stop_cluster() {
+  local i deadline
+  for i in "${NODES[@]}"; do kill -TERM "${NODE_PIDS[i]}" 2>/dev/null || true; done
+  deadline=$(($(date +%s) + 10))
+  for i in "${NODES[@]}"; do
+    while running "${NODE_PIDS[i]}" && (($(date +%s) < deadline)); do sleep 0.1; done
+    kill -KILL "${NODE_PIDS[i]}" 2>/dev/null || true
+  done
+  NODE_PIDS=()
+  [[ ${KEEP_DATA:-0} == 1 ]] || rm -rf "$WORK"
+  WORK=""
 }
 
 # Stops what was started: SIGTERM, up to 10 s to exit, then SIGKILL.

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Before/after on one workload: two builds of keel, each on a fresh 3-node cluster, alternating
+# A B A B ... so that slow drifts of the machine fall on both. The same load generator (B's
+# keelctl) drives both. For each run it prints ops/s, p50, p99 and max latency, the snapshots
+# the members took during the run, and each member's RSS at its end.
+#
+#   A=DIR B=DIR bench/ab.sh          DIR holds a release build's keel and keelctl
+#                                    (e.g. target/release of a checkout of the older commit)
+#   REPS=3  DURATION=10s  CLIENTS=256  OP="put"  (any `keelctl bench` op and its flags)
+#   NODE_ARGS="--snapshot-count 10000"  extra flags for every node of both builds
+# Prints a markdown table on stdout; progress on stderr.
+set -euo pipefail
+SKIP_BUILD=1
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+: "${A:?A=DIR of the first build}" "${B:?B=DIR of the second build}"
+REPS=${REPS:-3}
+DURATION=${DURATION:-10s}
+CLIENTS=${CLIENTS:-256}
+OP=${OP:-put}
+read -r -a NODE_FLAGS <<<"${NODE_ARGS:-}"
+KEELCTL=$B/keelctl
+
+
+snapshots_of() { curl -fsS --max-time 1 "http://$(client_addr "$1")/metrics" |
+  awk '$1 == "keel_snapshots_total" { s += $2 } END { print s + 0 }'; }
+rss_mib() { awk '/^VmRSS/ { printf "%d\n", $2 / 1024 }' "/proc/${NODE_PIDS[$1]}/status"; }
+
+echo "| build | ops/s | p50 ms | p99 ms | max ms | snapshots | RSS MiB (3 members) |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
+for ((rep = 1; rep <= REPS; rep++)); do
+  for which in A B; do
+    KEEL=${!which}/keel
+    [[ -x $KEEL ]] || die "$KEEL is not an executable"
+    start_cluster
+    leader=$(wait_for_leader 30 "${NODES[@]}")
+    before=0
+    for i in "${NODES[@]}"; do before=$((before + $(snapshots_of "$i"))); done
+    out="$WORK/bench.json"
+    "$KEELCTL" --endpoints "$(client_addr "$leader")" --json bench $OP --protocol grpc \
+      --clients "$CLIENTS" --duration "$DURATION" >"$out"
+    after=0
+    for i in "${NODES[@]}"; do after=$((after + $(snapshots_of "$i"))); done
+    rss=$(for i in "${NODES[@]}"; do rss_mib "$i"; done | paste -sd/)
+    read -r ops p50 p99 max <<<"$(jq -r '[.throughput_ops_s, .latency_ms.p50, .latency_ms.p99,
+      .latency_ms.max] | map(. * 10 | round / 10) | @tsv' "$out")"
+    log "rep $rep $which: $ops ops/s, p99 $p99 ms"
+    echo "| $which | $ops | $p50 | $p99 | $max | $((after - before)) | $rss |"
+    stop_cluster
+  done
+done
