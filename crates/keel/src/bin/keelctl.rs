@@ -1,5 +1,9 @@
 //! `keelctl`: the command-line client for a Keel cluster.
 
+// Under keelctl/ rather than beside this file, where Cargo would take it for a binary.
+#[path = "keelctl/histogram.rs"]
+mod histogram;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io::{Read, Write};
@@ -14,7 +18,11 @@ use keel::client::{
 };
 use keel_etcdpb::etcdserverpb as etcdpb;
 use keel_etcdpb::etcdserverpb::kv_client::KvClient;
+use keel_etcdpb::etcdserverpb::watch_client::WatchClient;
 use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::histogram::{nearest_rank, Histogram};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -96,7 +104,8 @@ enum Cmd {
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         wait: Duration,
     },
-    /// Load generator: throughput and latency of puts or gets.
+    /// Load generator: throughput and latency of puts, gets, compare-and-sets, or of puts
+    /// delivered to many watchers.
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
@@ -137,6 +146,22 @@ enum BenchCmd {
     /// key's mod revision, then a txn that puts only if it is unchanged. Each attempt counts as
     /// one op, won or lost. etcd's gRPC API only (--protocol grpc).
     Cas(BenchArgs),
+    /// Watch fan-out: --clients writers (default 1) put random keys under `bench/` as fast as
+    /// they can, after --watchers watches of that prefix are all created; reports writes/s,
+    /// events delivered per second over all watchers, the lag from a put's send to each
+    /// watcher's receipt of its event, and events missed. Watchers share one Watch stream per
+    /// gRPC connection (--conns), as etcd's clientv3 multiplexes the watches of one client on
+    /// one stream. etcd's gRPC API only (--protocol grpc).
+    Watch(WatchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct WatchArgs {
+    #[command(flatten)]
+    load: BenchArgs,
+    /// Watches of the whole key prefix, spread round-robin over the connections' streams.
+    #[arg(long, default_value_t = 1000)]
+    watchers: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -178,7 +203,7 @@ enum BenchProtocol {
 #[derive(Clone)]
 enum BenchClient {
     Http(Arc<Client>),
-    Grpc(KvClient<tonic::transport::Channel>),
+    Grpc(KvClient<Channel>),
 }
 
 impl BenchClient {
@@ -263,10 +288,7 @@ impl BenchClient {
 }
 
 /// `conns` gRPC channels spread over the endpoints, connected before the clock starts.
-async fn grpc_channels(
-    endpoints: &[String],
-    conns: usize,
-) -> Result<Vec<KvClient<tonic::transport::Channel>>, Error> {
+async fn grpc_channels(endpoints: &[String], conns: usize) -> Result<Vec<Channel>, Error> {
     let mut out = Vec::new();
     for i in 0..conns.max(1) {
         let url = &endpoints[i % endpoints.len()];
@@ -275,7 +297,7 @@ async fn grpc_channels(
             .connect()
             .await
             .map_err(|e| Error::Usage(format!("connecting to {url}: {e}")))?;
-        out.push(KvClient::new(ch));
+        out.push(ch);
     }
     Ok(out)
 }
@@ -386,6 +408,12 @@ async fn run(cli: Cli) -> Result<Output, Error> {
                 BenchCmd::Put(a) => (BenchOp::Put, a),
                 BenchCmd::Get(a) => (BenchOp::Get, a),
                 BenchCmd::Cas(a) => (BenchOp::Cas, a),
+                BenchCmd::Watch(a) => (
+                    BenchOp::Watch {
+                        watchers: a.watchers,
+                    },
+                    a.load,
+                ),
             };
             bench(&cli.endpoints, opts, op, args).await
         }
@@ -892,6 +920,10 @@ enum BenchOp {
     Put,
     Get,
     Cas,
+    /// Puts, each delivered to this many watchers.
+    Watch {
+        watchers: usize,
+    },
 }
 
 impl BenchOp {
@@ -900,7 +932,13 @@ impl BenchOp {
             BenchOp::Put => "put",
             BenchOp::Get => "get",
             BenchOp::Cas => "cas",
+            BenchOp::Watch { .. } => "watch",
         }
+    }
+
+    /// Whether the load reads keys, which must exist first.
+    fn reads(self) -> bool {
+        matches!(self, BenchOp::Get | BenchOp::Cas)
     }
 }
 
@@ -923,8 +961,13 @@ fn next_rand(state: &mut u64) -> u64 {
     x.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
+/// Every bench key starts with this, and the watchers of `bench watch` watch it.
+const BENCH_PREFIX: &str = "bench/";
+/// The range end of [`BENCH_PREFIX`]: its last byte plus one.
+const BENCH_PREFIX_END: &str = "bench0";
+
 fn bench_key(i: u64) -> String {
-    format!("bench/{i:08}")
+    format!("{BENCH_PREFIX}{i:08}")
 }
 
 async fn bench(
@@ -938,6 +981,17 @@ async fn bench(
             "--clients, --keys and --duration must be positive".into(),
         ));
     }
+    if let BenchOp::Watch { watchers } = op {
+        if watchers == 0 || args.value_size < STAMP_BYTES {
+            return Err(Error::Usage(format!(
+                "bench watch needs --watchers of at least 1 and --value-size of at least \
+                 {STAMP_BYTES} (each value carries its send time)"
+            )));
+        }
+    }
+    // What the watch op's values are stamped against: one clock for the writers and the
+    // watchers, which live in this process.
+    let epoch = Instant::now();
     opts.pool_max_idle_per_host = args.clients;
     let base = Client::new(endpoints, &opts)?;
     let per_endpoint: Vec<Arc<Client>> = base
@@ -952,10 +1006,11 @@ async fn bench(
             .collect::<Vec<u8>>(),
     );
 
-    let grpc = match args.protocol {
+    let channels = match args.protocol {
         BenchProtocol::Grpc => grpc_channels(base.endpoints(), args.conns).await?,
         BenchProtocol::Http => Vec::new(),
     };
+    let grpc: Vec<KvClient<Channel>> = channels.iter().cloned().map(KvClient::new).collect();
     let client_for = |n: usize| {
         if grpc.is_empty() {
             BenchClient::Http(per_endpoint[n % per_endpoint.len()].clone())
@@ -964,17 +1019,33 @@ async fn bench(
         }
     };
 
-    if op == BenchOp::Cas && args.protocol != BenchProtocol::Grpc {
-        return Err(Error::Usage(
-            "bench cas speaks etcd's txn: use --protocol grpc".into(),
-        ));
+    if args.protocol != BenchProtocol::Grpc {
+        match op {
+            BenchOp::Cas => {
+                return Err(Error::Usage(
+                    "bench cas speaks etcd's txn: use --protocol grpc".into(),
+                ))
+            }
+            BenchOp::Watch { .. } => {
+                return Err(Error::Usage(
+                    "bench watch speaks etcd's Watch service (Keel's HTTP API has no watch): \
+                     use --protocol grpc"
+                        .into(),
+                ))
+            }
+            BenchOp::Put | BenchOp::Get => {}
+        }
     }
-    if op != BenchOp::Put && !args.skip_fill {
+    let mut fill_time = None;
+    if op.reads() && !args.skip_fill {
         // Every key a get may pick exists, so gets measure reads and not misses. Through the
         // same API as the load, so that the fill works against etcd too.
+        let fill_start = Instant::now();
         let fill = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = Vec::new();
-        for w in 0..args.clients.clamp(1, 64) {
+        // As many writers as clients, up to 256: compare-etcd.sh fills 1M keys this way, and
+        // fewer writers would leave the fill waiting on round trips rather than the cluster.
+        for w in 0..args.clients.clamp(1, 256) {
             let mut c = client_for(w);
             let fill = fill.clone();
             let value = value.clone();
@@ -1002,7 +1073,16 @@ async fn bench(
         for t in tasks {
             t.await.expect("fill task panicked")?;
         }
+        fill_time = Some(fill_start.elapsed());
     }
+
+    // The writers start once every watcher is created, so each watcher must get every put.
+    let fanout = match op {
+        BenchOp::Watch { watchers } => {
+            Some(Fanout::start(&channels, watchers, epoch, opts.timeout).await?)
+        }
+        _ => None,
+    };
 
     let start = Instant::now();
     let deadline = start + args.duration;
@@ -1021,6 +1101,9 @@ async fn bench(
                     BenchOp::Put => c.put(&key, value.clone()).await,
                     BenchOp::Get => c.get(&key, args.serializable).await,
                     BenchOp::Cas => c.cas(&key, value.clone()).await,
+                    BenchOp::Watch { .. } => {
+                        c.put(&key, stamped(&value, t0.duration_since(epoch))).await
+                    }
                 };
                 let us = t0.elapsed().as_micros() as u64;
                 match r {
@@ -1054,13 +1137,16 @@ async fn bench(
     lat.sort_unstable();
     let ok_ops = lat.len() as u64;
     let throughput = ok_ops as f64 / elapsed.as_secs_f64();
+    let watch = match fanout {
+        // Events still on their way get up to --timeout after the last put.
+        Some(f) => Some(f.finish(ok_ops, start, opts.timeout).await),
+        None => None,
+    };
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {
             return 0.0;
         }
-        // Nearest-rank percentile.
-        let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
-        lat[rank.clamp(1, lat.len()) - 1] as f64 / 1000.0
+        lat[nearest_rank(lat.len(), p) - 1] as f64 / 1000.0
     };
     let (p50, p90, p99) = (pct(50.0), pct(90.0), pct(99.0));
     let max = lat.last().copied().unwrap_or(0) as f64 / 1000.0;
@@ -1082,31 +1168,403 @@ async fn bench(
             ""
         }
     );
+    if let Some(t) = fill_time {
+        text.push_str(&format!(
+            "  fill:       {} keys in {:.1}s\n",
+            args.keys,
+            t.as_secs_f64()
+        ));
+    }
     text.push_str(&format!("  requests:   {ok_ops} ok, {errors} failed\n"));
     text.push_str(&format!("  throughput: {throughput:.1} ops/s\n"));
     text.push_str(&format!(
         "  latency:    p50 {p50:.3} ms  p90 {p90:.3} ms  p99 {p99:.3} ms  max {max:.3} ms"
     ));
+    if let Some(w) = &watch {
+        text.push_str(&format!(
+            "\n  watchers:   {} on {} stream(s), all created before the first put; {} cancelled \
+             by the server",
+            w.watchers, w.streams, w.canceled
+        ));
+        text.push_str(&format!(
+            "\n  events:     {} delivered, {:.1} events/s, {} missed",
+            w.events, w.events_per_sec, w.missed
+        ));
+        text.push_str(&format!(
+            "\n  lag:        p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms (put sent to event received)",
+            w.lag_ms(50.0),
+            w.lag_ms(99.0),
+            w.lags.max() as f64 / 1000.0
+        ));
+        if let Some(e) = &w.first_error {
+            text.push_str(&format!("\n  first watch error: {e}"));
+        }
+    }
     if let Some(e) = &first_error {
         text.push_str(&format!("\n  first error: {e}"));
     }
+    let mut json = json!({
+        "op": op.name(),
+        "protocol": match args.protocol { BenchProtocol::Http => "http", BenchProtocol::Grpc => "grpc" },
+        "clients": args.clients,
+        "value_size": args.value_size,
+        "keys": args.keys,
+        "endpoints": per_endpoint.len(),
+        "serializable": op == BenchOp::Get && args.serializable,
+        "fill_s": fill_time.map(|t| t.as_secs_f64()),
+        "duration_s": elapsed.as_secs_f64(),
+        "ok": ok_ops,
+        "errors": errors,
+        "first_error": first_error,
+        "throughput_ops_s": throughput,
+        "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max},
+    });
+    if let (Some(w), Some(fields)) = (&watch, json.as_object_mut()) {
+        fields.extend([
+            ("watchers".to_string(), json!(w.watchers)),
+            ("watch_streams".to_string(), json!(w.streams)),
+            ("events".to_string(), json!(w.events)),
+            ("events_per_sec".to_string(), json!(w.events_per_sec)),
+            ("lag_p50_ms".to_string(), json!(w.lag_ms(50.0))),
+            ("lag_p99_ms".to_string(), json!(w.lag_ms(99.0))),
+            (
+                "lag_max_ms".to_string(),
+                json!(w.lags.max() as f64 / 1000.0),
+            ),
+            ("missed".to_string(), json!(w.missed)),
+            ("watchers_canceled".to_string(), json!(w.canceled)),
+            ("first_watch_error".to_string(), json!(w.first_error)),
+        ]);
+    }
     Ok(Output {
         text,
-        json: json!({
-            "op": op.name(),
-            "protocol": match args.protocol { BenchProtocol::Http => "http", BenchProtocol::Grpc => "grpc" },
-            "clients": args.clients,
-            "value_size": args.value_size,
-            "keys": args.keys,
-            "endpoints": per_endpoint.len(),
-            "serializable": op == BenchOp::Get && args.serializable,
-            "duration_s": elapsed.as_secs_f64(),
-            "ok": ok_ops,
-            "errors": errors,
-            "first_error": first_error,
-            "throughput_ops_s": throughput,
-            "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "max": max},
-        }),
+        json,
         ok: ok_ops > 0,
     })
+}
+
+/// Bytes at the start of a `bench watch` value that carry its send time.
+const STAMP_BYTES: usize = 8;
+
+/// `value` with its first [`STAMP_BYTES`] replaced by `sent` (since the run's epoch) in
+/// nanoseconds, little endian, so that a watcher can tell each event's lag without a table of
+/// send times shared with the writers.
+fn stamped(value: &bytes::Bytes, sent: Duration) -> bytes::Bytes {
+    let mut v = bytes::BytesMut::from(&value[..]);
+    v[..STAMP_BYTES].copy_from_slice(&(sent.as_nanos() as u64).to_le_bytes());
+    v.freeze()
+}
+
+/// The send time a [`stamped`] value carries (`None` if it is too short to be one).
+fn stamp_of(value: &[u8]) -> Option<Duration> {
+    let b: [u8; STAMP_BYTES] = value.get(..STAMP_BYTES)?.try_into().ok()?;
+    Some(Duration::from_nanos(u64::from_le_bytes(b)))
+}
+
+/// The watchers of `bench watch`: one Watch stream per gRPC connection, each carrying its share
+/// of the watchers. That is what etcd's clientv3 does (every watch of one client made with the
+/// same context shares one stream), so a server is measured on the layout real clients give it:
+/// many watch ids per stream, not a stream per watcher.
+struct Fanout {
+    streams: Vec<tokio::task::JoinHandle<StreamRun>>,
+    watchers: usize,
+    /// Set once the writers have stopped: how many events every watcher is owed, and until
+    /// when it waits for them.
+    owed: tokio::sync::watch::Sender<Option<(u64, Instant)>>,
+}
+
+/// What one watch stream saw.
+struct StreamRun {
+    /// Events received, per watcher of the stream.
+    events: Vec<u64>,
+    /// Microseconds from each event's put being sent to its receipt.
+    lags: Histogram,
+    last_event: Option<Instant>,
+    /// Watchers the server cancelled.
+    canceled: usize,
+    /// The first cancel reason or stream error.
+    error: Option<String>,
+}
+
+/// The fan-out's totals over every watcher.
+struct FanoutReport {
+    watchers: usize,
+    streams: usize,
+    events: u64,
+    /// Events over the time from the writers' start to the last event received.
+    events_per_sec: f64,
+    lags: Histogram,
+    /// Events owed (successful puts, for each watcher) and never received, cancelled
+    /// watchers' included.
+    missed: u64,
+    canceled: usize,
+    first_error: Option<String>,
+}
+
+impl FanoutReport {
+    fn lag_ms(&self, p: f64) -> f64 {
+        self.lags.percentile(p) as f64 / 1000.0
+    }
+}
+
+impl Fanout {
+    /// Opens the streams and returns once every watcher has its created answer, so that no put
+    /// the writers send can precede a watcher.
+    async fn start(
+        channels: &[Channel],
+        watchers: usize,
+        epoch: Instant,
+        timeout: Duration,
+    ) -> Result<Fanout, Error> {
+        let n_streams = channels.len().min(watchers);
+        let (owed, owed_rx) = tokio::sync::watch::channel(None);
+        let mut streams = Vec::new();
+        let mut created = Vec::new();
+        for (s, ch) in channels.iter().take(n_streams).enumerate() {
+            // Watcher i is on stream i % n_streams.
+            let n = watchers / n_streams + usize::from(s < watchers % n_streams);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let stream = watch_stream(ch.clone(), n, epoch, timeout, tx, owed_rx.clone());
+            streams.push(tokio::spawn(stream));
+            created.push(rx);
+        }
+        for rx in created {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Error::Usage(format!("creating watchers: {e}"))),
+                Err(_) => panic!("a watch stream task ended before answering"),
+            }
+        }
+        Ok(Fanout {
+            streams,
+            watchers,
+            owed,
+        })
+    }
+
+    /// Tells the streams that every watcher is owed `writes` events, waits up to `grace` for
+    /// them, and adds up what they saw.
+    async fn finish(self, writes: u64, start: Instant, grace: Duration) -> FanoutReport {
+        // No receiver left means every stream has already ended (each on an error).
+        let _ = self.owed.send(Some((writes, Instant::now() + grace)));
+        let mut report = FanoutReport {
+            watchers: self.watchers,
+            streams: self.streams.len(),
+            events: 0,
+            events_per_sec: 0.0,
+            lags: Histogram::default(),
+            missed: 0,
+            canceled: 0,
+            first_error: None,
+        };
+        let mut last_event = None;
+        for t in self.streams {
+            let run = t.await.expect("watch stream task panicked");
+            report.events += run.events.iter().sum::<u64>();
+            report.missed += run
+                .events
+                .iter()
+                .map(|&got| writes.saturating_sub(got))
+                .sum::<u64>();
+            report.lags.merge(&run.lags);
+            report.canceled += run.canceled;
+            last_event = last_event.max(run.last_event);
+            if report.first_error.is_none() {
+                report.first_error = run.error;
+            }
+        }
+        if let Some(last) = last_event {
+            report.events_per_sec = report.events as f64 / last.duration_since(start).as_secs_f64();
+        }
+        report
+    }
+}
+
+/// One Watch stream with `watchers` watches of [`BENCH_PREFIX`]. Answers `created` once they
+/// are all created (or could not be), then records events until every watcher has the number
+/// `owed` announces, or its deadline passes.
+async fn watch_stream(
+    ch: Channel,
+    watchers: usize,
+    epoch: Instant,
+    timeout: Duration,
+    created: tokio::sync::oneshot::Sender<Result<(), String>>,
+    mut owed: tokio::sync::watch::Receiver<Option<(u64, Instant)>>,
+) -> StreamRun {
+    let mut run = StreamRun {
+        events: vec![0; watchers],
+        lags: Histogram::default(),
+        last_event: None,
+        canceled: 0,
+        error: None,
+    };
+    // The only requests are the creates, one at a time; `_requests` lives as long as the
+    // stream, since closing it would half-close the stream.
+    let (_requests, mut inbound, ids) = match create_watchers(ch, watchers, timeout).await {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = created.send(Err(e));
+            return run;
+        }
+    };
+    let _ = created.send(Ok(()));
+
+    let mut alive = vec![true; watchers];
+    let mut target: Option<(u64, Instant)> = None;
+    loop {
+        if let Some((n, _)) = target {
+            if run.events.iter().zip(&alive).all(|(&e, &a)| e >= n || !a) {
+                break;
+            }
+        }
+        let next = match target {
+            None => tokio::select! {
+                m = inbound.message() => m,
+                changed = owed.changed() => {
+                    if changed.is_err() {
+                        // The bench gave up on the run.
+                        break;
+                    }
+                    target = *owed.borrow_and_update();
+                    continue;
+                }
+            },
+            Some((_, deadline)) => {
+                let deadline = tokio::time::Instant::from_std(deadline);
+                match tokio::time::timeout_at(deadline, inbound.message()).await {
+                    Ok(m) => m,
+                    // What has not come by now counts as missed.
+                    Err(_) => break,
+                }
+            }
+        };
+        let r = match next {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                run.error
+                    .get_or_insert_with(|| "the server ended the watch stream".into());
+                break;
+            }
+            Err(s) => {
+                run.error.get_or_insert_with(|| s.message().to_string());
+                break;
+            }
+        };
+        let now = Instant::now();
+        // Progress notifications answer for no watcher (id -1).
+        let Some(&i) = ids.get(&r.watch_id) else {
+            continue;
+        };
+        if r.canceled {
+            if std::mem::replace(&mut alive[i], false) {
+                run.canceled += 1;
+                run.error
+                    .get_or_insert_with(|| format!("watch cancelled: {}", r.cancel_reason));
+            }
+            continue;
+        }
+        if r.events.is_empty() {
+            continue;
+        }
+        run.last_event = Some(now);
+        let at = now.duration_since(epoch);
+        for e in &r.events {
+            run.events[i] += 1;
+            if let Some(sent) = e.kv.as_ref().and_then(|kv| stamp_of(&kv.value)) {
+                run.lags.record(at.saturating_sub(sent).as_micros() as u64);
+            }
+        }
+    }
+    run
+}
+
+type WatchRequests = tokio::sync::mpsc::Sender<etcdpb::WatchRequest>;
+
+/// Opens a Watch stream on `ch` and creates `watchers` watches of [`BENCH_PREFIX`] on it, each
+/// sent after the previous one's created answer, as clientv3 does; the server assigns the ids.
+/// Returns the request side, the response side and each watch id's index.
+async fn create_watchers(
+    ch: Channel,
+    watchers: usize,
+    timeout: Duration,
+) -> Result<
+    (
+        WatchRequests,
+        tonic::Streaming<etcdpb::WatchResponse>,
+        std::collections::HashMap<i64, usize>,
+    ),
+    String,
+> {
+    let create = || etcdpb::WatchRequest {
+        request_union: Some(etcdpb::watch_request::RequestUnion::CreateRequest(
+            etcdpb::WatchCreateRequest {
+                key: bytes::Bytes::from_static(BENCH_PREFIX.as_bytes()),
+                range_end: bytes::Bytes::from_static(BENCH_PREFIX_END.as_bytes()),
+                ..Default::default()
+            },
+        )),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    // The first create is queued before the call: tonic's call returns only once the server
+    // has sent its response headers, and etcd (grpc-go) sends them with its first message, which
+    // answers the first request.
+    tx.try_send(create()).expect("the channel is empty");
+    let mut client = WatchClient::new(ch);
+    let call = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut inbound = tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| format!("no watch stream within {timeout:?}"))?
+        .map_err(|s| format!("opening a watch stream: {}", s.message()))?
+        .into_inner();
+    let mut ids = std::collections::HashMap::with_capacity(watchers);
+    for i in 0..watchers {
+        if i > 0 {
+            tx.send(create())
+                .await
+                .map_err(|_| "the watch stream closed".to_string())?;
+        }
+        let answer = loop {
+            match tokio::time::timeout(timeout, inbound.message()).await {
+                Err(_) => return Err(format!("no created answer within {timeout:?}")),
+                Ok(Err(s)) => return Err(s.message().to_string()),
+                Ok(Ok(None)) => return Err("the server ended the watch stream".into()),
+                Ok(Ok(Some(r))) if r.created => break r,
+                // Nothing writes under the prefix yet; anything else is not ours to count.
+                Ok(Ok(Some(_))) => continue,
+            }
+        };
+        if answer.canceled {
+            return Err(format!("watch refused: {}", answer.cancel_reason));
+        }
+        if ids.insert(answer.watch_id, i).is_some() {
+            return Err(format!("watch id {} given twice", answer.watch_id));
+        }
+    }
+    Ok((tx, inbound, ids))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stamp_survives_the_value_and_keeps_its_length() {
+        let value = bytes::Bytes::from(vec![b'a'; 256]);
+        let sent = Duration::from_nanos(1_234_567_890_123);
+        let v = stamped(&value, sent);
+        assert_eq!(v.len(), 256);
+        assert_eq!(&v[STAMP_BYTES..], &value[STAMP_BYTES..]);
+        assert_eq!(stamp_of(&v), Some(sent));
+        assert_eq!(stamp_of(b"short"), None);
+    }
+
+    #[test]
+    fn the_prefix_end_bounds_exactly_the_bench_keys() {
+        let (start, end) = (BENCH_PREFIX.as_bytes(), BENCH_PREFIX_END.as_bytes());
+        let mut want = start.to_vec();
+        *want.last_mut().unwrap() += 1;
+        assert_eq!(end, &want[..]);
+        let key = bench_key(u64::MAX);
+        assert!(key.as_bytes() >= start && key.as_bytes() < end);
+    }
 }
