@@ -414,7 +414,14 @@ impl Store {
         lease: i64,
     ) -> Option<KeyValue> {
         let (rev, sub) = w.next();
-        let hist = Arc::make_mut(self.keys.entry(key.clone()).or_default());
+        // A new key's history holds one version: a Vec's first push would reserve four (216
+        // bytes of 256 for a key written once), and most keys of a large store are written
+        // rarely. One that is rewritten grows as any Vec does.
+        let hist = Arc::make_mut(
+            self.keys
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(Vec::with_capacity(1))),
+        );
         let prev = hist.last().filter(|e| e.is_live()).map(|e| e.to_kv(key));
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
@@ -608,6 +615,10 @@ impl Store {
         hist.drain(..keep_from);
         if hist.is_empty() {
             self.keys.remove(key);
+        } else if hist.capacity() > 2 * hist.len() {
+            // Compaction usually leaves one version of many: give back the room the others
+            // took, or a compacted store keeps the memory of its whole history.
+            hist.shrink_to_fit();
         }
     }
 }
