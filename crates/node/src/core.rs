@@ -353,6 +353,12 @@ impl<S: LogStore> NodeCore<S> {
         &self.kv
     }
 
+    /// Hands over the state machine, leaving an empty one: for a node that is stopping and
+    /// frees its state elsewhere. The core must not be used after it.
+    pub fn take_kv(&mut self) -> Store {
+        std::mem::take(&mut self.kv)
+    }
+
     /// Members' published attributes (name, client URLs), as replicated. A member without an
     /// entry never published: etcd's "unstarted".
     pub fn attributes(&self) -> &Attributes {
