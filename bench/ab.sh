@@ -8,6 +8,8 @@
 #                                    (e.g. target/release of a checkout of the older commit)
 #   REPS=3  DURATION=10s  CLIENTS=256  OP="put"  (any `keelctl bench` op and its flags)
 #   NODE_ARGS="--snapshot-count 10000"  extra flags for every node of both builds
+#   A_ARGS=... B_ARGS=...  extra flags for the nodes of one side only: with A=B, this compares
+#                          two settings of one build
 # Prints a markdown table on stdout; progress on stderr.
 set -euo pipefail
 SKIP_BUILD=1
@@ -18,7 +20,6 @@ REPS=${REPS:-3}
 DURATION=${DURATION:-10s}
 CLIENTS=${CLIENTS:-256}
 OP=${OP:-put}
-read -r -a NODE_FLAGS <<<"${NODE_ARGS:-}"
 KEELCTL=$B/keelctl
 
 
@@ -31,6 +32,8 @@ echo "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
 for ((rep = 1; rep <= REPS; rep++)); do
   for which in A B; do
     KEEL=${!which}/keel
+    side_args=${which}_ARGS
+    read -r -a NODE_FLAGS <<<"${NODE_ARGS:-} ${!side_args:-}"
     [[ -x $KEEL ]] || die "$KEEL is not an executable"
     start_cluster
     leader=$(wait_for_leader 30 "${NODES[@]}")

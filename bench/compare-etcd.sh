@@ -34,7 +34,7 @@
 #   LARGE_KEYS=1000000  keys of the large phase; LARGE=0 skips it
 #   KILLS=10    failover rounds per system (0: none)
 #   SNAPSHOT_COUNT=N  gives both systems --snapshot-count N (default: each its own default,
-#                     etcd 100,000 and Keel 10,000)
+#                     both 100,000 since Keel took etcd's default)
 # Needs etcd and etcdctl (Debian: etcd-server, etcd-client; installed if missing with
 # apt-get, which needs root), jq, curl and ss.
 set -euo pipefail

@@ -67,6 +67,9 @@ const MAX_TRANSFERS: usize = 16;
 /// and heartbeats are late, so an operator wants to know about the disk.
 const SLOW_FSYNC: Duration = Duration::from_millis(500);
 
+/// Applied entries between snapshots, as etcd's default: see the server's `--snapshot-count`.
+pub const DEFAULT_SNAPSHOT_COUNT: u64 = 100_000;
+
 /// Snapshot streams (`NodeHandle::snapshot_data`) held at once. Each holds a whole copy of the
 /// state in memory until its reader is done, and a slow reader can take long: one at a time
 /// bounds that memory to one extra copy of the state.
@@ -126,7 +129,7 @@ impl DriverConfig {
             tick_interval: Duration::from_millis(100),
             election_tick: 10,
             heartbeat_tick: 1,
-            snapshot_count: 10_000,
+            snapshot_count: DEFAULT_SNAPSHOT_COUNT,
             request_timeout: Duration::from_secs(5),
             max_queued_requests: 1024,
             name: String::new(),
