@@ -198,6 +198,14 @@ struct InFlight {
     entries: Vec<Entry>,
     /// Entries or hard state were written in `ready` and wait for a sync.
     written: bool,
+    /// What was written must be durable before the Ready's messages go out and it is applied:
+    /// new entries, a snapshot, or a new term or vote. A hard state whose only change is the
+    /// commit index is written but not synced (as etcd's `MustSync`): a commit index is a fact
+    /// of the cluster, not a promise of this node, so losing it in a crash loses nothing (the
+    /// leader tells it again, and a snapshot on disk implies its own index is committed). It
+    /// becomes durable with the next sync. Syncing it cost a 1-client put on the leader a
+    /// second fdatasync between the quorum's acknowledgement and the answer.
+    must_sync: bool,
     persisted: bool,
     persisted_messages: Vec<Message>,
     committed: Vec<Entry>,
@@ -651,6 +659,7 @@ impl<S: LogStore> NodeCore<S> {
             hard_state: rd.hard_state,
             entries: rd.entries,
             written,
+            must_sync: rd.must_sync,
             persisted: false,
             persisted_messages: rd.persisted_messages,
             committed: rd.committed_entries,
@@ -682,7 +691,7 @@ impl<S: LogStore> NodeCore<S> {
                 .write(f.hard_state.as_ref(), &f.entries)
                 .map_err(NodeError::Storage)?;
             store.sync().map_err(NodeError::Storage)?;
-        } else if f.written {
+        } else if f.written && f.must_sync {
             store.sync().map_err(NodeError::Storage)?;
         }
         f.persisted = true;

@@ -644,3 +644,36 @@ fn peer_address_changes_apply_everywhere_and_refuse_races() {
         Err(NodeError::Invalid(_))
     ));
 }
+
+/// A Ready that only moves the commit index is written but not synced: a crash may lose it,
+/// and the node must come back from what it synced (entries, its snapshot) and relearn the
+/// commit index from the leader.
+#[test]
+fn a_commit_index_is_not_synced_on_its_own_and_losing_it_loses_nothing() {
+    let mut c = Cluster::new(3);
+    c.elect(1);
+    for i in 0..10u64 {
+        c.node(1).propose(i, put(&format!("k{i}"), "v")).unwrap();
+        c.stabilize();
+    }
+    // Each write reached node 2 as an append (synced), then its commit as an empty append.
+    let committed = c.nodes[&2].raw().raft.raft_log.committed;
+    assert_eq!(c.nodes[&2].applied(), committed);
+    c.nodes.remove(&2);
+    c.disks[&2].crash();
+    c.reopen(2, config(2, 0));
+    let recovered = c.nodes[&2].raw().raft.raft_log.committed;
+    assert!(
+        recovered < committed,
+        "the last commit-only change ({committed}) survived the crash as {recovered}: it was synced"
+    );
+    // Snapshots (every 8 entries) are durable with the commit index they imply.
+    assert!(recovered >= 8, "recovered commit {recovered}");
+    c.heartbeats(1);
+    assert_eq!(c.nodes[&2].raw().raft.raft_log.committed, committed);
+    assert_eq!(c.nodes[&2].kv().hash(), c.nodes[&1].kv().hash());
+    assert_eq!(
+        c.nodes[&2].kv().get(b"k9").map(|kv| kv.value),
+        Some(Bytes::from_static(b"v"))
+    );
+}
