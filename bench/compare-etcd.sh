@@ -4,9 +4,10 @@
 #
 # Each repetition starts a fresh etcd cluster, runs every workload, stops it, then does the
 # same with a fresh Keel cluster (A B A B ...), so slow drifts of the machine fall on both.
-# Timing settings match: etcd --heartbeat-interval 100 --election-timeout 1000, Keel's
-# defaults (100 ms ticks, heartbeat every tick, election after 10 ticks; both randomize the
-# election timeout up to twice that).
+# Timing settings match: etcd --heartbeat-interval 100 --election-timeout 1000, Keel
+# --tick-ms 100 --heartbeat-ticks 1 --election-ticks 10 (both randomize the election timeout up
+# to twice that). Failover is measured a third time, on Keel at its own defaults (50 ms ticks,
+# election after 6).
 #
 # Workloads (100,000 keys, 256-byte values): put at 1, 16, 256 clients to the leader; put at
 # 16, 256 clients spread over the members; linearizable and serializable get at 16 and 256
@@ -32,7 +33,8 @@
 #   ONLY=REGEX  runs only the workloads whose name matches (ONLY=none: none of them)
 #   WATCHERS=1000  watchers of the watch fan-out workload
 #   LARGE_KEYS=1000000  keys of the large phase; LARGE=0 skips it
-#   KILLS=10    failover rounds per system (0: none)
+#   KILLS=10    failover rounds per system (0: none); Keel gets them twice, at etcd's timing
+#               and at its own defaults
 #   SNAPSHOT_COUNT=N  gives both systems --snapshot-count N (default: each its own default,
 #                     both 100,000 since Keel took etcd's default)
 # Needs etcd and etcdctl (Debian: etcd-server, etcd-client; installed if missing with
@@ -107,8 +109,11 @@ start_etcd_node() {
   disown "$!"
 }
 
+# etcd's timing, unless KEEL_TIMING=defaults.
 start_keel() {
   NODE_FLAGS=(${SNAPSHOT_COUNT:+--snapshot-count "$SNAPSHOT_COUNT"})
+  [[ ${KEEL_TIMING:-etcd} == defaults ]] ||
+    NODE_FLAGS+=(--tick-ms 100 --heartbeat-ticks 1 --election-ticks 10)
   start_cluster
 }
 
@@ -353,6 +358,10 @@ if ((KILLS > 0)); then
   leader_endpoint >/dev/null
   failover_rounds keel "$KILLS" >>"$FAILOVERS"
   stop_cluster
+  KEEL_TIMING=defaults start_keel
+  leader_endpoint >/dev/null
+  failover_rounds keel-defaults "$KILLS" >>"$FAILOVERS"
+  stop_cluster
 fi
 
 # Median and range of one column over the repetitions of (system, workload, clients, where).
@@ -492,7 +501,7 @@ fi
 if [[ -s $FAILOVERS ]]; then
   echo
   echo "Failover, kill -9 of the leader to the first acknowledged put through a survivor ($KILLS kills each):"
-  for system in etcd keel; do
+  for system in etcd keel keel-defaults; do
     awk -v s="$system" '$1 == s { v[++k] = $2 }
       END { for (i = 2; i <= k; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
             if (k) { m = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2

@@ -11,15 +11,15 @@
 #
 # Run from anywhere:   bench/failover.sh
 #   KILLS=10            rounds
-#   TICK_MS=100         --tick-ms of every node (the server's default)
-#   ELECTION_TICKS=10   --election-ticks of every node (the server's default)
+#   TICK_MS=50          --tick-ms of every node (the server's default; etcd's timing is 100)
+#   ELECTION_TICKS=6    --election-ticks of every node (the server's default; etcd's is 10)
 #   BASE_PORT, SKIP_BUILD=1, KEEP_DATA=1: see bench/lib.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 KILLS=${KILLS:-10}
-TICK_MS=${TICK_MS:-100}
-ELECTION_TICKS=${ELECTION_TICKS:-10}
+TICK_MS=${TICK_MS:-50}
+ELECTION_TICKS=${ELECTION_TICKS:-6}
 NODE_FLAGS=(--tick-ms "$TICK_MS" --election-ticks "$ELECTION_TICKS")
 WRITE_DEADLINE_MS=20000
 

@@ -93,15 +93,16 @@ pub struct ServeArgs {
     #[arg(long)]
     pub cluster_token: Option<String>,
 
-    /// Raft tick interval in milliseconds.
+    /// Raft tick interval in milliseconds; 50 by default.
     #[arg(long)]
     pub tick_ms: Option<u64>,
 
-    /// Ticks without a leader before an election (the timeout is randomized in [n, 2n)).
+    /// Ticks without a leader before an election (the timeout is randomized in [n, 2n)); 6 by
+    /// default.
     #[arg(long)]
     pub election_ticks: Option<usize>,
 
-    /// Ticks between heartbeats.
+    /// Ticks between heartbeats; 1 by default.
     #[arg(long)]
     pub heartbeat_ticks: Option<usize>,
 
@@ -328,6 +329,17 @@ fn client_listen(
     }
 }
 
+/// Keel's timing: a 50 ms tick, a heartbeat every tick, an election after 6 ticks of silence
+/// (randomized to 300..600 ms). A follower gives up on a silent leader within that window, so
+/// a kill -9 of the leader costs a median of about 370 ms of write unavailability
+/// (bench/failover.sh), against about 1.2 s at etcd's 100 ms heartbeat and 1 s election
+/// timeout. Six heartbeats per timeout leave room for late ones: under 256-client put loads and
+/// a 1M-key fill with its snapshots, no member started an election (docs/BENCHMARKS.md). A
+/// disk whose fsyncs stall for hundreds of ms (the Raft thread syncs, so its heartbeats wait)
+/// or a slower network wants etcd's timing: `--tick-ms 100 --election-ticks 10`.
+pub const DEFAULT_TICK_MS: u64 = 50;
+pub const DEFAULT_ELECTION_TICKS: usize = 6;
+pub const DEFAULT_HEARTBEAT_TICKS: usize = 1;
 /// Resolves flags and an optional file into a plan, or says which flag or field is wrong.
 pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, String> {
     let dynamic = args.join_addr.is_some() || args.bootstrap_expect.is_some();
@@ -474,15 +486,15 @@ pub fn resolve(args: &ServeArgs, file: Option<&FileConfig>) -> Result<Plan, Stri
     };
 
     let pick = |flag: Option<u64>, f: Option<u64>, default: u64| flag.or(f).unwrap_or(default);
-    let tick_ms = pick(args.tick_ms, file.and_then(|f| f.tick_ms), 100);
+    let tick_ms = pick(args.tick_ms, file.and_then(|f| f.tick_ms), DEFAULT_TICK_MS);
     let election_ticks = args
         .election_ticks
         .or(file.and_then(|f| f.election_ticks))
-        .unwrap_or(10);
+        .unwrap_or(DEFAULT_ELECTION_TICKS);
     let heartbeat_ticks = args
         .heartbeat_ticks
         .or(file.and_then(|f| f.heartbeat_ticks))
-        .unwrap_or(1);
+        .unwrap_or(DEFAULT_HEARTBEAT_TICKS);
     // etcd's default. Each snapshot writes the whole state (with its uncompacted history), so
     // at 10,000 a node under a steady write load was writing one about every second: puts at
     // 256 clients ran 26% faster with a p99 of 55 rather than 87 ms at 100,000
