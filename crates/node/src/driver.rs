@@ -1060,8 +1060,18 @@ impl RaftLoop {
             .spawn(move || {
                 lower_priority();
                 let started = Instant::now();
-                let snap = job.build();
+                let mut snap = job.build();
                 let result = store.save(&snap).map(|_| ()).map_err(|e| e.to_string());
+                // The Raft thread keeps the data as a mapping of the file it was just written
+                // to; swapping here frees the encoded copy on this thread. Freed there, hundreds
+                // of MB went back to the system in the middle of a Ready (2 to 11 ms at 100,000
+                // keys with their history). If the file cannot be mapped, the Raft thread keeps
+                // the copy, as before.
+                if result.is_ok() {
+                    if let Ok(mapped) = store.map_data(&snap) {
+                        snap.data = mapped;
+                    }
+                }
                 // Gone only when the node is shutting down; the file is then adopted (or
                 // removed as unrecorded) when the data dir is next opened.
                 if let Some(tx) = tx.upgrade() {
