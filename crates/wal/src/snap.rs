@@ -255,7 +255,7 @@ impl SnapStore {
         first.extend_from_slice(&meta_len);
         first.extend_from_slice(&meta_bytes);
         w.write_chunk(&first)?;
-        for chunk in snap.data.chunks(MAX_CHUNK_SIZE) {
+        for chunk in snap.data.chunks(SYNC_EVERY) {
             w.write_chunk(chunk)?;
         }
         let installed = w.finish()?;
@@ -425,6 +425,7 @@ impl SnapStore {
             head: Vec::with_capacity(SNAP_HEADER_LEN),
             header: None,
             crc: 0,
+            unsynced: 0,
         })
     }
 
@@ -476,7 +477,19 @@ pub struct SnapshotWriter {
     header: Option<SnapHeader>,
     /// crc of the body bytes received so far.
     crc: u32,
+    /// Bytes appended since the file was last synced. Invariant: below `SYNC_EVERY` between
+    /// calls.
+    unsynced: u64,
 }
+
+/// A snapshot file is synced every this many bytes as it is written, not only at the end. Left
+/// to the end, the whole file (hundreds of MB with a large history) went to the disk in one
+/// burst, and the WAL's small writes queued behind it: puts at 256 clients had a p99 of 40 to
+/// 47 ms against 25 to 30 with 1 MiB, and 34 to 36 with 4 MiB (bench/ab.sh, 30 s runs, 6
+/// snapshots per member). A WAL sync now finds at most this much snapshot data ahead of it. The
+/// price is a writer that takes longer, so the image it encodes (and the tree nodes that
+/// writes replace meanwhile) lives longer.
+pub const SYNC_EVERY: usize = 1 << 20;
 
 impl SnapshotWriter {
     fn bad(&self, reason: String) -> Error {
@@ -486,7 +499,8 @@ impl SnapshotWriter {
         }
     }
 
-    /// Appends the next chunk (at most `MAX_CHUNK_SIZE` bytes).
+    /// Appends the next chunk (at most `MAX_CHUNK_SIZE` bytes), syncing the file once `SYNC_EVERY`
+    /// bytes are unsynced.
     pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<()> {
         if chunk.len() > MAX_CHUNK_SIZE {
             return Err(self.bad(format!(
@@ -519,6 +533,12 @@ impl SnapshotWriter {
         file.append(chunk)
             .map_err(|e| Error::io("write", &self.tmp_path, e))?;
         self.written += chunk.len() as u64;
+        self.unsynced += chunk.len() as u64;
+        if self.unsynced >= SYNC_EVERY as u64 {
+            file.sync_data()
+                .map_err(|e| Error::io("sync", &self.tmp_path, e))?;
+            self.unsynced = 0;
+        }
         Ok(())
     }
 

@@ -267,3 +267,29 @@ fn snapshot_files_work_on_the_real_file_system() {
         vec![2]
     );
 }
+
+/// A snapshot file is synced as it is written, every `SYNC_EVERY` bytes, and not before.
+#[test]
+fn a_snapshot_file_is_synced_every_sync_every_bytes_as_it_is_written() {
+    use keel_wal::snap::SYNC_EVERY;
+    use keel_wal::FaultError;
+    let fs = MemFs::new();
+    let s = store(&fs);
+    let sn = snap(20, 1, 3 * SYNC_EVERY);
+    let bytes = file_bytes(&snap_file(20, 1, &sn));
+    let mut w = s.writer().unwrap();
+    // Every sync from here fails, so a chunk that syncs is one that errs.
+    fs.fail_sync_after(0, FaultError::Io);
+    let below = SYNC_EVERY - 1;
+    w.write_chunk(&bytes[..below]).unwrap();
+    let e = w.write_chunk(&bytes[below..below + 1]).unwrap_err();
+    assert!(matches!(e, Error::Io { op: "sync", .. }), "{e}");
+    drop(w);
+
+    // With syncs working, the whole file goes in through `save`, and a crash keeps it.
+    fs.clear_faults();
+    let s = store(&fs);
+    s.save(&sn).unwrap();
+    fs.crash();
+    assert_eq!(newest_ok(&store(&fs)), Some(sn));
+}
