@@ -986,6 +986,11 @@ impl<S: LogStore> NodeCore<S> {
 
     /// The snapshot from `take_snapshot_job` is durable: the log records it and is compacted
     /// behind it. A snapshot overtaken by one installed from the leader meanwhile is dropped.
+    /// Files the store left for the caller to delete (see `LogStore::take_removed`).
+    pub fn take_removed(&mut self) -> Vec<std::path::PathBuf> {
+        self.raw.store_mut().take_removed()
+    }
+
     pub fn snapshot_saved(&mut self, snap: Snapshot) -> Result<(), NodeError> {
         let (index, _) = snapshot_position(&snap);
         if self.snapshot_writing != Some(index) {

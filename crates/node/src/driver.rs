@@ -95,8 +95,9 @@ pub struct DriverConfig {
     /// Voters of a new cluster; used only when `data_dir` holds no WAL yet. Empty means this
     /// node joins an existing cluster and waits to be added and sent its state.
     pub initial_members: Vec<u64>,
-    /// Time per Raft tick (100 ms, as raftexample): with the election and heartbeat ticks it
-    /// gives a 1 to 2 s election timeout and 100 ms heartbeats, comfortable on a LAN.
+    /// Time per Raft tick (100 ms here, as raftexample: with the election and heartbeat ticks
+    /// a 1 to 2 s election timeout and 100 ms heartbeats). The `keel` server's own default is
+    /// 50 ms with 6 election ticks, for failover within 300 to 600 ms.
     pub tick_interval: Duration,
     pub election_tick: usize,
     pub heartbeat_tick: usize,
@@ -715,6 +716,8 @@ impl RaftLoop {
                 // like any failed write: fail-stop.
                 result.map_err(NodeError::Storage)?;
                 self.core.snapshot_saved(snap)?;
+                let removed = self.core.take_removed();
+                self.remove_files(removed);
                 self.metrics.snapshots.inc();
                 self.metrics
                     .wal_bytes
@@ -1086,6 +1089,28 @@ impl RaftLoop {
             .map_err(|e| NodeError::Storage(format!("starting the snapshot writer: {e}")))
     }
 
+    /// Deletes the old snapshot files and compacted WAL segments a snapshot left behind, on a
+    /// thread of its own: unlinking them and syncing their directories took up to 50 and 99 ms
+    /// of this thread while the disk was busy (docs/BENCHMARKS.md). A crash before they go
+    /// leaves files that recovery reads past and the next compaction drops.
+    fn remove_files(&self, paths: Vec<PathBuf>) {
+        if paths.is_empty() {
+            return;
+        }
+        let id = self.id;
+        let spawned = std::thread::Builder::new()
+            .name(format!("keel-rm-{id}"))
+            .spawn(move || {
+                lower_priority();
+                if let Err(e) = keel_wal::remove_files(&StdFs, &paths) {
+                    warn!(node = id, "deleting files the log no longer needs: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(node = id, "cannot start a thread to delete old files: {e}");
+        }
+    }
+
     fn deliver(&mut self, o: Outcome) {
         let (token, answer) = match o {
             Outcome::RoleChanged { role, term, leader } => {
@@ -1331,7 +1356,10 @@ fn open_core(cfg: &DriverConfig, book: &AddressBook) -> Result<(NodeCore<WalStor
     let boot = next_boot(dir).map_err(io)?;
     let proposer = (cfg.id << 32) | boot;
     let fs: Arc<dyn Fs> = Arc::new(StdFs);
-    let opts = StorageOptions::new(cfg.id, cfg.cluster_id);
+    let mut opts = StorageOptions::new(cfg.id, cfg.cluster_id);
+    // Compacted segments and old snapshot files are deleted off the Raft thread
+    // (`RaftLoop::remove_files`).
+    opts.wal.defer_removal = true;
     let storage = |e: String| DriverError::Storage(format!("{}: {e}", dir.display()));
     let mut store = WalStorage::open(fs, dir, opts).map_err(|e| storage(e.to_string()))?;
     // Checked on every start rather than only when the directory is new, so that a crash in

@@ -1,5 +1,7 @@
 //! The write side of a node's Raft storage, as `NodeCore` uses it.
 
+use std::path::PathBuf;
+
 use bytes::Bytes;
 use keel_proto::raftpb::{ConfState, Entry, HardState, Snapshot};
 use keel_raft::Storage;
@@ -36,6 +38,11 @@ pub trait LogStore: Storage {
     /// The state machine has been restored from the latest snapshot: its data need not stay in
     /// memory too (it is read again only to send it to a follower).
     fn unload_snapshot_data(&mut self);
+    /// Files the store no longer needs and left for the caller to delete (see
+    /// `keel_wal::WalOptions::defer_removal`).
+    fn take_removed(&mut self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 impl LogStore for WalStorage {
@@ -82,5 +89,9 @@ impl LogStore for WalStorage {
 
     fn unload_snapshot_data(&mut self) {
         WalStorage::unload_snapshot_data(self)
+    }
+
+    fn take_removed(&mut self) -> Vec<PathBuf> {
+        WalStorage::take_removed(self)
     }
 }

@@ -17,5 +17,5 @@ pub mod wal;
 pub use error::{Error, Result};
 pub use fs::{FaultError, Fs, FsFile, MemFs, StdFs};
 pub use snap::{SnapFile, SnapStore, SnapshotReader, SnapshotWriter};
-pub use storage::{StorageOptions, WalStorage};
+pub use storage::{remove_files, StorageOptions, WalStorage};
 pub use wal::{RecoveryReport, Wal, WalOptions};

@@ -362,18 +362,26 @@ impl SnapStore {
 
     /// Deletes all but the newest `keep` snapshots (at least one is always kept).
     pub fn retain(&self, keep: usize) -> Result<usize> {
-        let files = self.list()?;
-        let mut removed = 0;
-        for f in files.iter().skip(keep.max(1)) {
+        let old = self.beyond(keep)?;
+        for path in &old {
             self.fs
-                .remove(&f.path)
-                .map_err(|e| Error::io("remove", &f.path, e))?;
-            removed += 1;
+                .remove(path)
+                .map_err(|e| Error::io("remove", path, e))?;
         }
-        if removed > 0 {
+        if !old.is_empty() {
             self.sync_dir()?;
         }
-        Ok(removed)
+        Ok(old.len())
+    }
+
+    /// The files `retain(keep)` would delete.
+    pub fn beyond(&self, keep: usize) -> Result<Vec<PathBuf>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .skip(keep.max(1))
+            .map(|f| f.path)
+            .collect())
     }
 
     /// Removes snapshot files the WAL never recorded: newer than (`index`, `term`), or at that

@@ -51,6 +51,31 @@ pub struct WalStorage {
     offset_term: u64,
     keep_snapshots: usize,
     dir: PathBuf,
+    /// Old snapshot files for the caller to delete (`WalOptions::defer_removal`); taken with
+    /// the purged segments after every adopted snapshot, so it holds at most one round's.
+    old_snapshots: Vec<PathBuf>,
+}
+
+/// Deletes files a log or snapshot store no longer needs (`WalStorage::take_removed`), then
+/// syncs the directories they were in. A file already gone counts as deleted.
+pub fn remove_files(fs: &dyn Fs, paths: &[PathBuf]) -> Result<()> {
+    let mut dirs: Vec<&Path> = Vec::new();
+    for p in paths {
+        match fs.remove(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", p, e)),
+        }
+        if let Some(d) = p.parent() {
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    for d in dirs {
+        fs.sync_dir(d).map_err(|e| Error::io("sync dir", d, e))?;
+    }
+    Ok(())
 }
 
 fn snap_index(s: &Snapshot) -> (u64, u64) {
@@ -204,6 +229,7 @@ impl WalStorage {
             offset_term,
             keep_snapshots: opts.keep_snapshots,
             dir: dir.to_path_buf(),
+            old_snapshots: Vec::new(),
         };
         Ok((storage, report))
     }
@@ -371,8 +397,20 @@ impl WalStorage {
         self.wal.mark_snapshot(index, term)?;
         self.snapshot = snap;
         self.unload_snapshot_data();
-        self.snaps.retain(self.keep_snapshots)?;
+        if self.wal.options().defer_removal {
+            self.old_snapshots = self.snaps.beyond(self.keep_snapshots)?;
+        } else {
+            self.snaps.retain(self.keep_snapshots)?;
+        }
         Ok(true)
+    }
+
+    /// With `WalOptions::defer_removal`: the files that adopting a snapshot and compacting left
+    /// for the caller to delete with `remove_files`, off the thread that drives the log.
+    pub fn take_removed(&mut self) -> Vec<PathBuf> {
+        let mut paths = std::mem::take(&mut self.old_snapshots);
+        paths.extend(self.wal.take_removed());
+        paths
     }
 
     /// Swaps the snapshot's data held for `Storage::snapshot` (for followers that need it) for

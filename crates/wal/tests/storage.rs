@@ -480,3 +480,79 @@ fn snapshot_data_served_from_its_mapped_file_is_the_data_saved() {
     assert_eq!(w.snapshot(0).unwrap().data, data);
     drop(held);
 }
+
+/// With `defer_removal`, adopting a snapshot and compacting delete nothing: the old files are
+/// handed to the caller. A crash before the caller deletes them loses nothing, and once
+/// `remove_files` returns they are gone for good.
+#[test]
+fn deferred_removal_hands_old_files_to_the_caller_and_a_crash_before_they_go_is_harmless() {
+    let fs = MemFs::new();
+    let mut o = opts();
+    o.wal.defer_removal = true;
+    let reopen = |fs: &MemFs| WalStorage::open(Arc::new(fs.clone()), &dir(), o.clone()).unwrap();
+    let mut w = reopen(&fs);
+    let cs = ConfState {
+        voters: vec![1, 2, 3],
+        learners: vec![],
+    };
+    let mut last = 0;
+    let mut removed = Vec::new();
+    for round in 1..=4u64 {
+        // About 8 KiB of entries per round: two 4 KiB segments.
+        for _ in 0..4 {
+            let batch: Vec<Entry> = (last + 1..last + 11)
+                .map(|i| ent(i, 1, &[round as u8; 200]))
+                .collect();
+            last += 10;
+            let hs = HardState {
+                term: 1,
+                vote: 1,
+                commit: last,
+            };
+            w.save(Some(&hs), &batch).unwrap();
+        }
+        let snap = w
+            .prepare_snapshot(last, cs.clone(), Bytes::from(format!("state at {last}")))
+            .unwrap();
+        w.snap_store().save(&snap).unwrap();
+        assert!(w.adopt_snapshot(snap).unwrap());
+        w.compact_keeping(5).unwrap();
+        removed.extend(w.take_removed());
+    }
+    let segments = removed
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"));
+    assert!(segments.count() >= 2, "{removed:?}");
+    // A file not yet deleted is handed over again by the next round; deleting it twice is
+    // harmless (below).
+    let snaps: std::collections::BTreeSet<_> = removed
+        .iter()
+        .filter(|p| p.starts_with(dir().join("snap")))
+        .collect();
+    assert_eq!(snaps.len(), 2, "4 snapshots, 2 kept: {removed:?}");
+    for p in &removed {
+        assert!(fs.exists(p).unwrap(), "{} was deleted", p.display());
+    }
+    let first = w.first_index().unwrap();
+    let want = w.entries(first, last + 1, u64::MAX).unwrap();
+    drop(w);
+
+    // A crash with the old files still there.
+    fs.crash();
+    let w = reopen(&fs);
+    assert_eq!(w.snapshot(0).unwrap().metadata.unwrap().index, last);
+    assert_eq!(w.last_index().unwrap(), last);
+    assert_eq!(w.entries(first, last + 1, u64::MAX).unwrap(), want);
+    drop(w);
+
+    keel_wal::remove_files(&fs, &removed).unwrap();
+    // Deleting them again (a retry after a crash) is fine.
+    keel_wal::remove_files(&fs, &removed).unwrap();
+    fs.crash();
+    for p in &removed {
+        assert!(!fs.exists(p).unwrap(), "{} came back", p.display());
+    }
+    let w = reopen(&fs);
+    assert_eq!(w.snapshot(0).unwrap().metadata.unwrap().index, last);
+    assert_eq!(w.entries(first, last + 1, u64::MAX).unwrap(), want);
+}
