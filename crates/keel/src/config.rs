@@ -106,7 +106,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub heartbeat_ticks: Option<usize>,
 
-    /// Applied entries between snapshots (and log compactions); 100000 by default.
+    /// Applied entries between snapshots (and log compactions), on average; 100000 by default.
+    /// Each member snapshots at its own offset in the run, so members do not all write at once.
     #[arg(long)]
     pub snapshot_count: Option<u64>,
 

@@ -37,8 +37,15 @@ pub struct NodeConfig {
     /// (proposer, sequence number), and a restarted node reusing an id could have a new request
     /// taken for a retransmission of an old one.
     pub proposer: u64,
-    /// Applied entries between two snapshots (and log compactions).
+    /// Applied entries between two snapshots (and log compactions), on average.
     pub snapshot_count: u64,
+    /// Where in each run of `snapshot_count` indexes this member takes its snapshot: when the
+    /// applied index reaches `k * snapshot_count + snapshot_phase` for some k (and is at least
+    /// half a run past the last one). 0 is every multiple of `snapshot_count`. Members given
+    /// different phases (`snapshot_phase_for`) do not all write their snapshots at once: while
+    /// one writes, the other two still answer the leader at full speed, where with one phase
+    /// all three slowed down together (docs/BENCHMARKS.md). Taken modulo `snapshot_count`.
+    pub snapshot_phase: u64,
     /// Entries kept in the log behind a snapshot, so a follower slightly behind catches up from
     /// the log rather than needing the whole snapshot.
     pub compaction_margin: u64,
@@ -74,12 +81,42 @@ pub struct InjectedBugs {
     pub watch_feed_ignores_snapshots: bool,
 }
 
+/// Whether a member whose last snapshot is at `last` takes one at `applied`: `applied` has
+/// reached one of its boundaries (`k * every + phase`) that lies at least half a run past
+/// `last`. A boundary closer than that (after a snapshot installed from the leader, or one that
+/// took long to write) is skipped rather than taken late, so a member stays on its phase and
+/// off the others'. Spacing is between half a run and one and a half (plus the last apply
+/// batch), `every` on average. `every == 0` turns snapshots off.
+pub(crate) fn snapshot_due(applied: u64, last: u64, every: u64, phase: u64) -> bool {
+    if every == 0 {
+        return false;
+    }
+    let start = last.saturating_add(every.div_ceil(2));
+    // Boundaries at or below `i`: the count steps up at each index = phase (mod every).
+    let shift = every - phase % every;
+    let boundaries = |i: u64| i.saturating_add(shift) / every;
+    applied >= start && boundaries(applied) > boundaries(start - 1)
+}
+
+/// A snapshot phase for member `id` (see `NodeConfig::snapshot_phase`): ids spread over the run
+/// by the golden ratio, so that any few ids, consecutive ones included, land far apart (1, 2
+/// and 3 at 0.62, 0.24 and 0.85 of the run).
+pub fn snapshot_phase_for(id: u64, every: u64) -> u64 {
+    if every == 0 {
+        return 0;
+    }
+    // 2^64 / golden ratio: frac(id * 0.618...) as a 64-bit fraction.
+    let frac = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(frac) * u128::from(every)) >> 64) as u64
+}
+
 impl NodeConfig {
     pub fn new(id: u64, proposer: u64) -> Self {
         NodeConfig {
             raft: keel_raft::Config::new(id),
             proposer,
             snapshot_count: 10_000,
+            snapshot_phase: 0,
             compaction_margin: 5_000,
             max_pending_writes: 1_000,
             max_pending_reads: 10_000,
@@ -931,8 +968,12 @@ impl<S: LogStore> NodeCore<S> {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), NodeError> {
-        let every = self.cfg.snapshot_count;
-        if every == 0 || self.applied < self.last_snapshot + every {
+        if !snapshot_due(
+            self.applied,
+            self.last_snapshot,
+            self.cfg.snapshot_count,
+            self.cfg.snapshot_phase,
+        ) {
             return Ok(());
         }
         if self.snapshot_writing.is_some() {
@@ -1048,4 +1089,54 @@ fn restore(data: &Bytes) -> Result<(AddressBook, Attributes, Store), NodeError> 
         Store::restore(&kv).map_err(|e| NodeError::Snapshot(e.to_string()))?
     };
     Ok((peers, attrs, kv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{snapshot_due, snapshot_phase_for};
+
+    #[test]
+    fn a_snapshot_is_due_at_each_boundary_of_the_members_phase() {
+        // Entries applied one at a time from 0, snapshotting whenever one is due.
+        let run = |every: u64, phase: u64| {
+            let mut last = 0;
+            let mut taken = vec![];
+            for applied in 1..=35 {
+                if snapshot_due(applied, last, every, phase) {
+                    taken.push(applied);
+                    last = applied;
+                }
+            }
+            taken
+        };
+        // Phase 0: the multiples of the count.
+        assert_eq!(run(10, 0), vec![10, 20, 30]);
+        // Phase 3: 13, 23, 33; the boundary at 3 is under half a run past 0.
+        assert_eq!(run(10, 3), vec![13, 23, 33]);
+        // A phase past the count wraps; a count of 0 is off.
+        assert_eq!(run(10, 13), run(10, 3));
+        assert!(run(0, 0).is_empty());
+        // Applies come in batches: a boundary crossed inside a batch counts.
+        assert!(snapshot_due(25, 13, 10, 3));
+        assert!(!snapshot_due(22, 13, 10, 3));
+        // A snapshot installed just before a boundary: that boundary is skipped, the next one
+        // taken on time.
+        assert!(!snapshot_due(23, 21, 10, 3));
+        assert!(!snapshot_due(32, 21, 10, 3));
+        assert!(snapshot_due(33, 21, 10, 3));
+        // One just past half a run before it: taken.
+        assert!(snapshot_due(23, 18, 10, 3));
+        assert!(!snapshot_due(23, 19, 10, 3));
+    }
+
+    #[test]
+    fn phases_of_the_first_ids_are_spread_over_the_run() {
+        let every = 100_000;
+        let mut p: Vec<u64> = (1..=3).map(|id| snapshot_phase_for(id, every)).collect();
+        assert!(p.iter().all(|&x| x < every));
+        p.sort();
+        let gaps = [p[1] - p[0], p[2] - p[1], p[0] + every - p[2]];
+        assert!(gaps.iter().all(|&g| g >= every / 5), "{p:?}");
+        assert_eq!(snapshot_phase_for(7, 0), 0);
+    }
 }

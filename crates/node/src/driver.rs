@@ -101,7 +101,8 @@ pub struct DriverConfig {
     pub tick_interval: Duration,
     pub election_tick: usize,
     pub heartbeat_tick: usize,
-    /// Applied entries between snapshots (and log compactions).
+    /// Applied entries between snapshots (and log compactions), on average: the node takes
+    /// them at its own phase in the run (`core::snapshot_phase_for` of its id).
     pub snapshot_count: u64,
     /// Time a request may take before it is answered `Timeout` (5 s): several election
     /// timeouts, so a request survives one leader change.
@@ -1379,6 +1380,7 @@ fn open_core(cfg: &DriverConfig, book: &AddressBook) -> Result<(NodeCore<WalStor
     nc.raft.election_tick = cfg.election_tick;
     nc.raft.heartbeat_tick = cfg.heartbeat_tick;
     nc.snapshot_count = cfg.snapshot_count;
+    nc.snapshot_phase = crate::core::snapshot_phase_for(cfg.id, cfg.snapshot_count);
     nc.compaction_margin = nc.compaction_margin.min(cfg.snapshot_count);
     nc.background_snapshots = true;
     nc.attributes = cfg.attributes();
@@ -1394,12 +1396,12 @@ fn open_core(cfg: &DriverConfig, book: &AddressBook) -> Result<(NodeCore<WalStor
 
 /// Makes the calling thread yield the CPU to the node's other threads (Linux: nice 19 for
 /// this thread alone). Writing a snapshot encodes the whole state, hundreds of ms of CPU with
-/// a large history, and every member reaches the snapshot index at about the same time: at
-/// normal priority the three writers of a local cluster took the cores from the Raft threads
-/// and the API, and puts at 256 clients had a p99 of 40 to 44 ms against 29 to 35 at nice 19
-/// (docs/BENCHMARKS.md). The price is a slower snapshot on a saturated machine; a node writes
-/// one snapshot at a time, so a slow one delays the next and the log compaction after it,
-/// never the writes.
+/// a large history, and (before members took their snapshots at different indexes) all
+/// members reached the snapshot index at about the same time: at normal priority the three
+/// writers of a local cluster took the cores from the Raft threads and the API, and puts at
+/// 256 clients had a p99 of 40 to 44 ms against 29 to 35 at nice 19 (docs/BENCHMARKS.md).
+/// The price is a slower snapshot on a saturated machine; a node writes one snapshot at a
+/// time, so a slow one delays the next and the log compaction after it, never the writes.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
     {

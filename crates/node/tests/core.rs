@@ -37,6 +37,10 @@ fn config(id: u64, proposer: u64) -> NodeConfig {
 
 impl Cluster {
     fn new(n: u64) -> Self {
+        Self::with_config(n, config)
+    }
+
+    fn with_config(n: u64, config: impl Fn(u64, u64) -> NodeConfig) -> Self {
         let ids: Vec<u64> = (1..=n).collect();
         let mut c = Cluster {
             nodes: BTreeMap::new(),
@@ -675,5 +679,61 @@ fn a_commit_index_is_not_synced_on_its_own_and_losing_it_loses_nothing() {
     assert_eq!(
         c.nodes[&2].kv().get(b"k9").map(|kv| kv.value),
         Some(Bytes::from_static(b"v"))
+    );
+}
+
+/// Snapshot indexes each member took while `proposals` puts were applied one at a time.
+fn snapshot_indexes(phased: bool, proposals: u64) -> BTreeMap<u64, Vec<u64>> {
+    let mut c = Cluster::with_config(3, |id, proposer| {
+        let mut cfg = config(id, proposer);
+        if phased {
+            cfg.snapshot_phase = keel_node::core::snapshot_phase_for(id, cfg.snapshot_count);
+        }
+        cfg
+    });
+    c.elect(1);
+    let mut taken: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for i in 0..proposals {
+        c.node(1).propose(i, put(&format!("k{i}"), "v")).unwrap();
+        c.stabilize();
+        for (&id, n) in &c.nodes {
+            let seen = taken.entry(id).or_default();
+            if seen.last() != Some(&n.last_snapshot()) && n.last_snapshot() > 0 {
+                seen.push(n.last_snapshot());
+            }
+        }
+    }
+    taken
+}
+
+#[test]
+fn members_given_phases_take_their_snapshots_at_different_indexes() {
+    // One phase: all three members write their snapshot at the same index, the stall this
+    // avoids (and the check below would catch it).
+    let same = snapshot_indexes(false, 60);
+    assert_eq!(same[&1], same[&2]);
+    assert_eq!(same[&1], same[&3]);
+    let phased = snapshot_indexes(true, 60);
+    for (id, indexes) in &phased {
+        let phase = keel_node::core::snapshot_phase_for(*id, 8);
+        assert!(indexes.len() >= 5, "member {id}: {indexes:?}");
+        for w in indexes.windows(2) {
+            // As often as without a phase: one snapshot per run of 8, never two close together.
+            assert!(
+                w[1] - w[0] >= 4 && w[1] - w[0] <= 9,
+                "member {id}: {indexes:?}"
+            );
+        }
+        for &i in &indexes[1..] {
+            // Puts applied one by one: each is taken at the member's own boundary.
+            assert_eq!(i % 8, phase, "member {id}: {indexes:?}");
+        }
+    }
+    let all: Vec<u64> = phased.values().flatten().copied().collect();
+    let distinct: std::collections::BTreeSet<u64> = all.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "two members at one index: {phased:?}"
     );
 }

@@ -1372,6 +1372,9 @@ fn node_config(opts: &Options, id: u64, incarnation: u64, seed: u64) -> NodeConf
         ..Config::default()
     };
     c.snapshot_count = opts.snapshot_every;
+    // As the server: members snapshot at different indexes, so snapshots and compactions reach
+    // the members at different points of the log.
+    c.snapshot_phase = keel_node::core::snapshot_phase_for(id, opts.snapshot_every);
     c.compaction_margin = COMPACTION_MARGIN;
     c.collect_events = true;
     #[cfg(feature = "bug-injection")]
