@@ -1,12 +1,13 @@
-//! The node runtime: `NodeCore` on its own OS thread, fed by the transport, a tick timer and
-//! clients through one bounded channel.
+//! The node runtime: `NodeCore` on its own OS thread, fed by the transport (its inbox and
+//! reports) and, through one bounded channel, by a tick timer and clients.
 //!
 //! ```text
-//!  transport inbox/reports ──pump task──┐
-//!  tick timer task ─────────────────────┼──▶ input channel ──▶ Raft thread (NodeCore + WAL)
-//!  NodeHandle (clients, try_send) ──────┘                        │ ready → send → persist (fsync)
-//!                                                                │ → send → apply → answers
-//!                                      oneshot replies ◀─────────┘
+//!  transport inbox, reports ────────────────────────────┐
+//!  tick timer task ─────────────────────┐               ▼
+//!  NodeHandle (clients, try_send) ──────┴▶ input channel ──▶ Raft thread (NodeCore + WAL)
+//!                                                            │ ready → send → persist (fsync)
+//!                                                            │ → send → apply → answers
+//!                                      oneshot replies ◀─────┘
 //! ```
 //!
 //! Only the Raft thread touches `NodeCore`, so nothing is locked on the hot path. The fsync runs
@@ -21,6 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -49,9 +51,10 @@ use crate::watch::{read_history, History, HistoryError, WatchHub};
 /// answers are not held back behind a long queue.
 const MAX_INPUT_BATCH: usize = 256;
 
-/// Channel slots beyond the clients' share, for peer messages, reports and ticks. Clients can
-/// fill at most `max_queued_requests` slots, so a client flood never crowds out the messages
-/// that keep the cluster alive.
+/// Channel slots beyond the clients' share, for ticks, snapshot writers' reports and shutdown
+/// (peer messages come through the transport's own bounded inbox). Clients can fill at most
+/// `max_queued_requests` slots, so a client flood never crowds out the ticks that keep the
+/// cluster alive.
 const INTERNAL_HEADROOM: usize = 1024;
 
 /// How long past its deadline a caller still waits for the Raft thread's own answer. The
@@ -503,8 +506,8 @@ fn is_fatal(e: &NodeError) -> bool {
 }
 
 impl RaftLoop {
-    fn run(mut self, mut rx: mpsc::Receiver<Input>) {
-        if let Err(e) = self.serve(&mut rx) {
+    fn run(mut self, mut sources: Sources) {
+        if let Err(e) = self.serve(&mut sources) {
             error!(node = self.id, "stopping after a storage error: {e}");
         }
         for (_, p) in self.pending.drain() {
@@ -512,8 +515,8 @@ impl RaftLoop {
         }
         // Closing first makes new requests fail with `Stopped` at once; dropping what is still
         // queued drops its reply senders, which the callers also see as `Stopped`.
-        rx.close();
-        while rx.try_recv().is_ok() {}
+        sources.rx.close();
+        while sources.rx.try_recv().is_ok() {}
         // Freeing a large state machine is millions of deallocations (1.9 s for 1M keys): a
         // thread of its own does it, so that stopping is not held up by it, and a process
         // that exits next never waits for it. The WAL is closed here, as before.
@@ -527,10 +530,10 @@ impl RaftLoop {
         info!(node = self.id, "raft loop stopped");
     }
 
-    fn serve(&mut self, rx: &mut mpsc::Receiver<Input>) -> Result<(), NodeError> {
+    fn serve(&mut self, sources: &mut Sources) -> Result<(), NodeError> {
         // Entries committed before a restart are re-applied through the first Readies.
         self.drain_ready()?;
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = sources.wait() {
             let mut input = Some(first);
             let mut taken = 0;
             while let Some(i) = input {
@@ -541,7 +544,7 @@ impl RaftLoop {
                 if taken == MAX_INPUT_BATCH {
                     break;
                 }
-                input = rx.try_recv().ok();
+                input = sources.try_next();
             }
             self.drain_ready()?;
         }
@@ -984,14 +987,12 @@ impl RaftLoop {
     }
 
     fn send(&self, messages: Vec<Message>) {
-        for m in messages {
-            // A message the transport cannot queue is dropped and counted there; Raft
-            // retransmits, so the loop never waits for a peer.
-            if let Err(e) = self.transport.send(m) {
-                self.metrics.peer_send_failures.inc();
-                debug!(node = self.id, "message not sent: {e}");
-            }
-        }
+        // A message the transport cannot queue is dropped and counted there; Raft
+        // retransmits, so the loop never waits for a peer.
+        self.transport.send_all(messages, |e| {
+            self.metrics.peer_send_failures.inc();
+            debug!(node = self.id, "message not sent: {e}");
+        });
     }
 
     fn drain_ready(&mut self) -> Result<(), NodeError> {
@@ -1417,24 +1418,103 @@ fn lower_priority() {
     }
 }
 
-/// Feeds peer messages and transport reports to the Raft thread. Waiting for room here leaves
-/// messages in the transport's inbox, which drops past its own bound rather than stalling the
-/// peer connections.
-async fn pump(mut inbox: Inbox, mut reports: Reports, tx: mpsc::Sender<Input>) {
-    loop {
-        let input = tokio::select! {
-            m = inbox.recv() => match m {
-                Some(m) => Input::Peer(m),
-                None => return,
-            },
-            r = reports.recv() => match r {
-                Some(r) => Input::Report(r),
-                None => return,
-            },
-        };
-        if tx.send(input).await.is_err() {
-            return;
+/// What the Raft thread waits on: the input channel, and the transport's inbox and reports
+/// taken directly. A task that forwarded peer messages into the input channel made every
+/// message from a peer wake two threads (a tokio worker, then this one) instead of one.
+struct Sources {
+    rx: mpsc::Receiver<Input>,
+    /// `None` once the transport has shut down and the channel ended.
+    inbox: Option<Inbox>,
+    reports: Option<Reports>,
+    /// Which source `try_next` tries first; it rotates so that a flood on one (a peer
+    /// catching up, a client burst) cannot keep the others waiting beyond one batch.
+    turn: usize,
+    /// Unparks the Raft thread; made once on it, in `new`.
+    waker: Waker,
+}
+
+impl Sources {
+    /// Must be called on the Raft thread: the waker it makes unparks the calling thread.
+    fn new(rx: mpsc::Receiver<Input>, inbox: Inbox, reports: Reports) -> Sources {
+        Sources {
+            rx,
+            inbox: Some(inbox),
+            reports: Some(reports),
+            turn: 0,
+            waker: Waker::from(Arc::new(Unpark(std::thread::current()))),
         }
+    }
+
+    /// Polls each source once, starting from `turn`. `Ready(None)` means the input channel
+    /// is closed: the node is stopping. An ended inbox or report channel is dropped and
+    /// the others still served.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Input>> {
+        for k in 0..3 {
+            let which = (self.turn + k) % 3;
+            let polled = match which {
+                0 => match self.rx.poll_recv(cx) {
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    p => p,
+                },
+                1 => match self.inbox.as_mut().map(|i| i.poll_recv(cx)) {
+                    Some(Poll::Ready(None)) => {
+                        self.inbox = None;
+                        Poll::Pending
+                    }
+                    Some(p) => p.map(|m| m.map(Input::Peer)),
+                    None => Poll::Pending,
+                },
+                _ => match self.reports.as_mut().map(|r| r.poll_recv(cx)) {
+                    Some(Poll::Ready(None)) => {
+                        self.reports = None;
+                        Poll::Pending
+                    }
+                    Some(p) => p.map(|r| r.map(Input::Report)),
+                    None => Poll::Pending,
+                },
+            };
+            if polled.is_ready() {
+                self.turn = (which + 1) % 3;
+                return polled;
+            }
+        }
+        Poll::Pending
+    }
+
+    /// An input if one is waiting, or `None`. A closed input channel also gives `None`; the
+    /// next `wait` reports it.
+    fn try_next(&mut self) -> Option<Input> {
+        let waker = self.waker.clone();
+        match self.poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(i) => i,
+            Poll::Pending => None,
+        }
+    }
+
+    /// Blocks until an input arrives; `None` once the input channel is closed and empty.
+    fn wait(&mut self) -> Option<Input> {
+        let waker = self.waker.clone();
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(i) = self.poll(&mut cx) {
+                return i;
+            }
+            // A wake between the poll and the park leaves the token set, so this returns at
+            // once; spurious returns just poll again.
+            std::thread::park();
+        }
+    }
+}
+
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
     }
 }
 
@@ -1457,7 +1537,6 @@ struct Parts {
     thread: std::thread::JoinHandle<()>,
     /// Resolves (with an error) when the Raft thread has dropped everything it owned.
     done: oneshot::Receiver<()>,
-    pump: JoinHandle<()>,
     ticker: JoinHandle<()>,
     transport: Arc<Transport>,
 }
@@ -1487,7 +1566,7 @@ pub struct NodeHandle {
 }
 
 /// Starts a node: opens or bootstraps its data dir, binds its transport, and starts the Raft
-/// thread, the tick timer and the transport pump. Must be called within a tokio runtime.
+/// thread and the tick timer. Must be called within a tokio runtime.
 pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
     cfg.validate()?;
     let tcfg = keel_transport::Config::new(cfg.id, cfg.cluster_id);
@@ -1545,11 +1624,10 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
     let thread = std::thread::Builder::new()
         .name(format!("keel-raft-{}", cfg.id))
         .spawn(move || {
-            raft_loop.run(rx);
+            raft_loop.run(Sources::new(rx, inbox, reports));
             drop(done_tx);
         })
         .map_err(|e| DriverError::Start(format!("spawning the raft thread: {e}")))?;
-    let pump = tokio::spawn(pump(inbox, reports, tx.clone()));
     let ticker = tokio::spawn(ticker(tx.clone(), cfg.tick_interval));
     info!(
         node = cfg.id,
@@ -1571,7 +1649,6 @@ pub async fn start(cfg: DriverConfig) -> Result<NodeHandle> {
             parts: tokio::sync::Mutex::new(Some(Parts {
                 thread,
                 done: done_rx,
-                pump,
                 ticker,
                 transport,
             })),
@@ -1950,9 +2027,7 @@ impl NodeHandle {
             warn!(node = self.shared.id, "raft thread panicked");
         }
         parts.ticker.abort();
-        parts.pump.abort();
         let _ = parts.ticker.await;
-        let _ = parts.pump.await;
         match Arc::try_unwrap(parts.transport) {
             Ok(t) => t.shutdown().await,
             Err(_) => warn!(

@@ -41,6 +41,8 @@ pub enum SendError {
     UnknownPeer(u64),
     #[error("queue to peer {0} is full")]
     QueueFull(u64),
+    #[error("message to peer {0} is over the frame size limit")]
+    TooLarge(u64),
     #[error("the transport is shutting down")]
     Closed,
 }

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keel_proto::raftpb::Message;
@@ -85,6 +86,12 @@ impl Inbox {
     pub async fn recv(&mut self) -> Option<Message> {
         let d = self.rx.recv().await?;
         Some(self.take(d))
+    }
+
+    /// For a consumer that waits on several sources at once (the Raft thread, outside any
+    /// runtime). `Ready(None)`: the transport has shut down.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx).map(|d| d.map(|d| self.take(d)))
     }
 
     /// A message if one is waiting; `None` if the inbox is empty or closed.

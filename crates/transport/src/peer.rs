@@ -1,7 +1,8 @@
-//! Outbound side: per peer, one task keeps a Raft connection and drains the peer's queue into
-//! it in batches; another streams snapshots, one at a time, each on a connection of its own.
+//! Outbound side: per peer, one task keeps a Raft connection, which the sender writes to
+//! directly while the task writes only what the socket could not take at once; another task
+//! streams snapshots, one at a time, each on a connection of its own.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -9,14 +10,14 @@ use keel_proto::raftpb::{Message, MessageType};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::timeout;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::conn::{self, FrameReader};
-use crate::error::Error;
+use crate::error::{Error, SendError};
 use crate::inbox::Reporter;
 use crate::snapshot::SnapshotSource;
 use crate::stats::Stats;
@@ -33,11 +34,154 @@ pub(crate) struct SnapshotJob {
 }
 
 /// The transport's handle on a peer's tasks. Dropping it (peer removed, transport dropped)
-/// closes `addr` and the queues, and the tasks end.
+/// closes `addr` and the snapshot queue, and the tasks end.
 pub(crate) struct PeerHandle {
     pub(crate) addr: watch::Sender<String>,
-    pub(crate) queue: mpsc::Sender<Message>,
+    pub(crate) outbox: Arc<Outbox>,
     pub(crate) snapshots: mpsc::Sender<SnapshotJob>,
+}
+
+/// What the sender (the Raft thread) and the peer's connection task share. The sender writes
+/// its frames to the socket itself whenever nothing is ahead of them, so a message to a peer
+/// costs no wake-up of another thread; the task writes only what the socket did not take at
+/// once (its buffer was full) or what was queued while there was no connection.
+pub(crate) struct Outbox {
+    state: Mutex<OutState>,
+    /// Rung when the task has bytes to write that the sender could not.
+    ready: Notify,
+    /// Closed when the peer's handle is dropped, so a task waiting only on `ready` ends.
+    gone: watch::Sender<()>,
+}
+
+struct OutState {
+    /// The connection's write half, while the task has one.
+    conn: Option<Arc<OwnedWriteHalf>>,
+    /// Encoded frames not yet written, oldest first. Invariant: while this is non-empty or
+    /// `task_writing` is set, only the task writes to `conn`, so frames never interleave and
+    /// stay in order.
+    pending: BytesMut,
+    /// Messages in `pending`, for the counters. Invariant: at most `peer_queue_capacity`.
+    pending_msgs: u64,
+    /// The task took a batch out of `pending` and is writing it.
+    task_writing: bool,
+    /// Set by `close` (the peer is gone): further messages are refused.
+    closed: bool,
+}
+
+impl Outbox {
+    fn new() -> Outbox {
+        Outbox {
+            state: Mutex::new(OutState {
+                conn: None,
+                pending: BytesMut::new(),
+                pending_msgs: 0,
+                task_writing: false,
+                closed: false,
+            }),
+            ready: Notify::new(),
+            gone: watch::channel(()).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
+        // Nothing panics while holding it; a poisoned lock still holds consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends `msgs` to what goes to the peer, then writes as much as the socket takes at
+    /// once if nothing is ahead of them. Never blocks. `refused` is called for each message
+    /// not queued (too large, queue full, peer gone).
+    pub(crate) fn send(
+        &self,
+        cfg: &Config,
+        stats: &Stats,
+        msgs: impl IntoIterator<Item = Message>,
+        mut refused: impl FnMut(Message, SendError),
+    ) {
+        let mut st = self.lock();
+        let start = st.pending.len();
+        let mut added = 0u64;
+        for m in msgs {
+            if st.closed {
+                refused(m, SendError::Closed);
+                continue;
+            }
+            if st.pending_msgs >= cfg.peer_queue_capacity as u64 {
+                Stats::inc(&stats.dropped_queue_full);
+                let to = m.to;
+                refused(m, SendError::QueueFull(to));
+                continue;
+            }
+            match wire::put_message(&mut st.pending, &m, cfg.max_frame_size) {
+                Ok(_) => {
+                    st.pending_msgs += 1;
+                    added += 1;
+                }
+                Err(e) => {
+                    Stats::inc(&stats.dropped_too_large);
+                    error!(
+                        peer = m.to,
+                        "dropping a {:?} to peer {}: {e}; the Raft core's message size limit \
+                         must be below the transport's frame limit",
+                        m.msg_type(),
+                        m.to
+                    );
+                    let to = m.to;
+                    refused(m, SendError::TooLarge(to));
+                }
+            }
+        }
+        if added == 0 {
+            return;
+        }
+        let st = &mut *st;
+        let idle = start == 0 && !st.task_writing;
+        let Some(conn) = st.conn.as_ref().filter(|_| idle) else {
+            // The task is writing (it takes these next), or dialing: wake it either way.
+            self.ready.notify_one();
+            return;
+        };
+        match conn.try_write(&st.pending) {
+            Ok(n) if n == st.pending.len() => {
+                Stats::add(&stats.sent, st.pending_msgs);
+                Stats::inc(&stats.write_batches);
+                Stats::add(&stats.bytes_sent, n as u64);
+                st.pending.clear();
+                st.pending_msgs = 0;
+            }
+            Ok(n) => {
+                // The rest waits for room in the socket, which only the task can wait for.
+                // Counted when the task has written it.
+                Stats::add(&stats.bytes_sent, n as u64);
+                let _ = st.pending.split_to(n);
+                self.ready.notify_one();
+            }
+            // Full socket buffer, or a failed connection: the task's write waits for room or
+            // sees the same error and handles it.
+            Err(_) => self.ready.notify_one(),
+        }
+    }
+
+    /// Refuses all further messages and ends the task.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.gone.send_replace(());
+        self.ready.notify_one();
+    }
+
+    /// Drops what is queued, counting it as failed sends.
+    fn discard(&self, stats: &Stats) {
+        let mut st = self.lock();
+        Stats::add(&stats.send_failures, st.pending_msgs);
+        st.pending.clear();
+        st.pending_msgs = 0;
+    }
+}
+
+impl Drop for PeerHandle {
+    fn drop(&mut self) {
+        self.outbox.close();
+    }
 }
 
 /// What a peer's tasks share.
@@ -55,8 +199,8 @@ pub(crate) struct PeerCtx {
 
 pub(crate) fn spawn(rt: &Handle, ctx: PeerCtx, addr: String) -> PeerHandle {
     let (addr_tx, addr_rx) = watch::channel(addr);
-    let (queue_tx, queue_rx) = mpsc::channel(ctx.cfg.peer_queue_capacity);
     let (snap_tx, snap_rx) = mpsc::channel(PENDING_SNAPSHOTS);
+    let outbox = Arc::new(Outbox::new());
     let backoff = Backoff::new(
         ctx.cfg.initial_backoff,
         ctx.cfg.max_backoff,
@@ -67,16 +211,17 @@ pub(crate) fn spawn(rt: &Handle, ctx: PeerCtx, addr: String) -> PeerHandle {
         RaftStream {
             ctx: ctx.clone(),
             addr: addr_rx.clone(),
-            queue: queue_rx,
+            gone: outbox.gone.subscribe(),
+            outbox: outbox.clone(),
             backoff,
-            buf: BytesMut::new(),
+            spare: BytesMut::new(),
         }
         .run(),
     );
     rt.spawn(run_snapshots(ctx, addr_rx, snap_rx));
     PeerHandle {
         addr: addr_tx,
-        queue: queue_tx,
+        outbox,
         snapshots: snap_tx,
     }
 }
@@ -92,10 +237,12 @@ enum Stop {
 struct RaftStream {
     ctx: PeerCtx,
     addr: watch::Receiver<String>,
-    queue: mpsc::Receiver<Message>,
+    outbox: Arc<Outbox>,
+    /// Changes (closes) when the peer is removed.
+    gone: watch::Receiver<()>,
     backoff: Backoff,
-    /// The batch being written; kept to reuse its allocation.
-    buf: BytesMut,
+    /// Swapped with the outbox's buffer to take a batch out; kept to reuse its allocation.
+    spare: BytesMut,
 }
 
 impl RaftStream {
@@ -110,6 +257,7 @@ impl RaftStream {
             let dialed = tokio::select! {
                 biased;
                 _ = self.ctx.shutdown.changed() => return,
+                _ = self.gone.changed() => return,
                 r = conn::dial(&self.ctx.cfg, id, &addr, StreamKind::Raft) => r,
             };
             match dialed {
@@ -121,7 +269,14 @@ impl RaftStream {
                     failures = 0;
                     info!(peer = id, "connected to peer {id} at {addr}");
                     let up_since = Instant::now();
-                    match self.pump(reader, writer).await {
+                    let stop = self.pump(reader, Arc::new(writer)).await;
+                    // Dropping the last handle on the write half sends a FIN, so the acceptor
+                    // logs a close rather than a reset.
+                    let mut st = self.outbox.lock();
+                    st.conn = None;
+                    st.task_writing = false;
+                    drop(st);
+                    match stop {
                         Stop::End => return,
                         Stop::AddrChanged => {
                             info!(peer = id, "peer {id} moved, redialing");
@@ -164,106 +319,105 @@ impl RaftStream {
     /// Returns false when the task must end.
     async fn back_off(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + self.backoff.next_delay();
-        let mut discarded = Vec::new();
         loop {
+            self.outbox.discard(&self.ctx.stats);
             tokio::select! {
                 biased;
                 _ = self.ctx.shutdown.changed() => return false,
+                _ = self.gone.changed() => return false,
                 r = self.addr.changed() => return r.is_ok(),
                 _ = tokio::time::sleep_until(deadline) => return true,
-                n = self.queue.recv_many(&mut discarded, self.ctx.cfg.max_batch_messages) => {
-                    if n == 0 {
-                        return false;
-                    }
-                    Stats::add(&self.ctx.stats.send_failures, n as u64);
-                    discarded.clear();
-                }
+                _ = self.outbox.ready.notified() => {}
             }
         }
     }
 
-    /// Drains the queue into the connection until it fails or is no longer wanted.
+    /// Writes what the sender could not, until the connection fails or is no longer wanted.
     async fn pump(
         &mut self,
         mut reader: FrameReader<OwnedReadHalf>,
-        mut writer: OwnedWriteHalf,
+        writer: Arc<OwnedWriteHalf>,
     ) -> Stop {
-        let cfg = self.ctx.cfg.clone();
-        let stop = loop {
-            let first = tokio::select! {
+        self.outbox.lock().conn = Some(writer.clone());
+        // Anything queued while dialing goes first: no sender writes while it is pending.
+        self.outbox.ready.notify_one();
+        loop {
+            tokio::select! {
                 biased;
-                _ = self.ctx.shutdown.changed() => break Stop::End,
+                _ = self.ctx.shutdown.changed() => return Stop::End,
+                _ = self.gone.changed() => return Stop::End,
                 r = self.addr.changed() => {
-                    break if r.is_ok() { Stop::AddrChanged } else { Stop::End };
+                    return if r.is_ok() { Stop::AddrChanged } else { Stop::End };
                 }
                 // The acceptor writes nothing after its Ok but a reject before closing (for a
                 // frame it refused), so anything read here, or the end of the stream, means
                 // the connection is over.
-                f = reader.next() => break Stop::Lost(match f {
+                f = reader.next() => return Stop::Lost(match f {
                     Ok(Some((FrameKind::Reject, reason))) => conn::rejected(&reason),
                     Ok(Some((kind, _))) => Error::Protocol(format!("unexpected {kind:?} frame")),
                     Ok(None) => Error::Closed,
                     Err(e) => e,
                 }),
-                m = self.queue.recv() => match m {
-                    Some(m) => m,
-                    None => break Stop::End,
-                },
+                _ = self.outbox.ready.notified() => {}
+            }
+            if let Err(stop) = self.flush(&writer).await {
+                return stop;
+            }
+        }
+    }
+
+    /// Writes batches out of the outbox until it is empty, then hands writing back to the
+    /// sender.
+    async fn flush(&mut self, writer: &OwnedWriteHalf) -> Result<(), Stop> {
+        let cfg = self.ctx.cfg.clone();
+        loop {
+            let batch = {
+                let mut st = self.outbox.lock();
+                if st.pending.is_empty() {
+                    st.task_writing = false;
+                    return Ok(());
+                }
+                st.task_writing = true;
+                self.spare.clear();
+                std::mem::swap(&mut self.spare, &mut st.pending);
+                std::mem::take(&mut st.pending_msgs)
             };
-            self.buf.clear();
-            let mut batch = 0u64;
-            let mut next = Some(first);
-            while let Some(m) = next {
-                self.encode(&m, &mut batch);
-                next = if batch < cfg.max_batch_messages as u64
-                    && self.buf.len() < cfg.max_batch_bytes
-                {
-                    self.queue.try_recv().ok()
-                } else {
-                    None
-                };
-            }
-            if batch == 0 {
-                continue;
-            }
             let written = tokio::select! {
                 biased;
-                _ = self.ctx.shutdown.changed() => break Stop::End,
-                r = conn::write_timed(&mut writer, &self.buf, cfg.write_timeout, "write") => r,
+                _ = self.ctx.shutdown.changed() => return Err(Stop::End),
+                r = timeout(cfg.write_timeout, write_all(writer, &self.spare)) => {
+                    r.map_err(|_| Error::Timeout("write")).and_then(|r| r.map_err(Error::from))
+                }
             };
             let stats = &self.ctx.stats;
             match written {
                 Ok(()) => {
                     Stats::add(&stats.sent, batch);
                     Stats::inc(&stats.write_batches);
-                    Stats::add(&stats.bytes_sent, self.buf.len() as u64);
+                    Stats::add(&stats.bytes_sent, self.spare.len() as u64);
                 }
                 Err(e) => {
                     Stats::add(&stats.send_failures, batch);
-                    break Stop::Lost(e);
+                    return Err(Stop::Lost(e));
                 }
-            }
-        };
-        // A clean FIN lets the acceptor log a close rather than a reset.
-        let _ = timeout(cfg.write_timeout, writer.shutdown()).await;
-        stop
-    }
-
-    fn encode(&mut self, m: &Message, batch: &mut u64) {
-        match wire::put_message(&mut self.buf, m, self.ctx.cfg.max_frame_size) {
-            Ok(_) => *batch += 1,
-            Err(e) => {
-                Stats::inc(&self.ctx.stats.dropped_too_large);
-                error!(
-                    peer = self.ctx.id,
-                    "dropping a {:?} to peer {}: {e}; the Raft core's message size limit must be \
-                     below the transport's frame limit",
-                    m.msg_type(),
-                    self.ctx.id
-                );
             }
         }
     }
+}
+
+/// `write_all` on a shared write half (the sender holds it too, and writes only while this
+/// is not running).
+async fn write_all(w: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        w.writable().await?;
+        match w.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 async fn run_snapshots(

@@ -171,32 +171,63 @@ impl Transport {
         v
     }
 
-    /// Queues `msg` for `msg.to` and returns at once; never blocks. A `MsgSnapshot` goes to
-    /// the peer's snapshot stream, its `snapshot.data` streamed in chunks. When the message
-    /// cannot be queued it is dropped and counted, and the error says why; Raft retransmits.
-    pub fn send(&self, mut msg: Message) -> Result<(), SendError> {
-        if peer::is_snapshot(&msg) {
-            let data = msg
-                .snapshot
-                .as_mut()
-                .map(|s| std::mem::take(&mut s.data))
-                .unwrap_or_default();
-            return self.send_snapshot(msg, Box::new(BytesSource::new(data)));
-        }
-        let to = msg.to;
+    /// Sends `msg` to `msg.to` and returns at once; never blocks. See [`Transport::send_all`].
+    pub fn send(&self, msg: Message) -> Result<(), SendError> {
+        let mut result = Ok(());
+        self.send_all(std::iter::once(msg), |e| result = Err(e));
+        result
+    }
+
+    /// Sends each message to its `to` and returns at once; never blocks. The messages to one
+    /// peer are written to its connection in order, together in as few writes as the socket
+    /// allows, by the calling thread when nothing is queued ahead of them (no other thread is
+    /// woken), else by the peer's task. A `MsgSnapshot` goes to the peer's snapshot stream,
+    /// its `snapshot.data` streamed in chunks. A message that cannot be queued is dropped and
+    /// counted, and `refused` says why; Raft retransmits.
+    pub fn send_all(
+        &self,
+        msgs: impl IntoIterator<Item = Message>,
+        mut refused: impl FnMut(SendError),
+    ) {
         let peers = self.peers.read().expect("peers lock");
-        let Some(p) = peers.get(&to) else {
-            Stats::inc(&self.stats.dropped_unknown_peer);
-            return Err(SendError::UnknownPeer(to));
-        };
-        match p.queue.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                Stats::inc(&self.stats.dropped_queue_full);
-                Err(SendError::QueueFull(to))
+        // Messages to one peer are gathered into one write; a Ready holds a few per peer.
+        let mut batch: Vec<Message> = Vec::new();
+        let mut to = 0;
+        let flush = |to: u64, batch: &mut Vec<Message>, refused: &mut dyn FnMut(SendError)| {
+            if batch.is_empty() {
+                return;
             }
-            Err(TrySendError::Closed(_)) => Err(SendError::Closed),
+            match peers.get(&to) {
+                Some(p) => p
+                    .outbox
+                    .send(&self.cfg, &self.stats, batch.drain(..), |_, e| refused(e)),
+                None => {
+                    Stats::add(&self.stats.dropped_unknown_peer, batch.len() as u64);
+                    for _ in batch.drain(..) {
+                        refused(SendError::UnknownPeer(to));
+                    }
+                }
+            }
+        };
+        for mut msg in msgs {
+            if peer::is_snapshot(&msg) {
+                let data = msg
+                    .snapshot
+                    .as_mut()
+                    .map(|s| std::mem::take(&mut s.data))
+                    .unwrap_or_default();
+                if let Err(e) = self.queue_snapshot(&peers, msg, Box::new(BytesSource::new(data))) {
+                    refused(e);
+                }
+                continue;
+            }
+            if msg.to != to {
+                flush(to, &mut batch, &mut refused);
+                to = msg.to;
+            }
+            batch.push(msg);
         }
+        flush(to, &mut batch, &mut refused);
     }
 
     /// Queues a `MsgSnapshot` whose data comes from `source` (its own `snapshot.data` is
@@ -204,6 +235,16 @@ impl Transport {
     /// so the Raft core never waits on a snapshot that is not on its way.
     pub fn send_snapshot(
         &self,
+        msg: Message,
+        source: Box<dyn SnapshotSource>,
+    ) -> Result<(), SendError> {
+        let peers = self.peers.read().expect("peers lock");
+        self.queue_snapshot(&peers, msg, source)
+    }
+
+    fn queue_snapshot(
+        &self,
+        peers: &HashMap<u64, PeerHandle>,
         mut msg: Message,
         source: Box<dyn SnapshotSource>,
     ) -> Result<(), SendError> {
@@ -216,7 +257,6 @@ impl Transport {
             self.reporter.try_report(Report::Snapshot { to, ok: false });
             Err(e)
         };
-        let peers = self.peers.read().expect("peers lock");
         let Some(p) = peers.get(&to) else {
             Stats::inc(&self.stats.dropped_unknown_peer);
             return refused(SendError::UnknownPeer(to));

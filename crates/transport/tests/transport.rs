@@ -96,10 +96,9 @@ async fn a_burst_goes_out_in_few_writes() {
     while b.inbox.try_recv().is_some() {}
     let stats = a.t.stats().clone();
     let (sent0, batches0) = (Stats::get(&stats.sent), Stats::get(&stats.write_batches));
-    // On this single-threaded runtime the writer cannot run while the loop queues.
-    for seq in 0..N {
-        a.t.send(heartbeat(1, 2, seq)).unwrap();
-    }
+    a.t.send_all((0..N).map(|seq| heartbeat(1, 2, seq)), |e| {
+        panic!("refused: {e}")
+    });
     for seq in 0..N {
         assert_eq!(recv(&mut b.inbox).await.commit, seq);
     }
@@ -110,6 +109,51 @@ async fn a_burst_goes_out_in_few_writes() {
         batches * 100 <= sent,
         "{sent} frames took {batches} writes; expected batches of hundreds"
     );
+}
+
+#[tokio::test]
+async fn the_sending_thread_writes_to_an_idle_connection_itself() {
+    let (a, mut b) = pair().await;
+    send_until_received(&a.t, 2, &mut b.inbox).await;
+    while b.inbox.try_recv().is_some() {}
+    let stats = a.t.stats().clone();
+    let sent0 = Stats::get(&stats.sent);
+    // On this single-threaded runtime no task runs until the test awaits: a message counted
+    // as sent right after `send` returned was written by this thread, without a wake-up of
+    // the peer's task.
+    for seq in 0..10 {
+        a.t.send(heartbeat(1, 2, seq)).unwrap();
+        assert_eq!(Stats::get(&stats.sent), sent0 + seq + 1);
+    }
+    for seq in 0..10 {
+        assert_eq!(recv(&mut b.inbox).await.commit, seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_socket_cannot_take_at_once_follows_in_order() {
+    // 200 frames of 200 KB are far more than a loopback socket buffers, so most writes are
+    // partial and the peer's task finishes them while the sender keeps adding more.
+    const N: u64 = 200;
+    let (a, mut b) = pair().await;
+    send_until_received(&a.t, 2, &mut b.inbox).await;
+    while b.inbox.try_recv().is_some() {}
+    let big = |seq| {
+        let mut m = heartbeat(1, 2, seq);
+        m.context = Bytes::from(vec![seq as u8; 200_000]);
+        m
+    };
+    let sender = tokio::task::spawn_blocking(move || {
+        for seq in 0..N {
+            a.t.send(big(seq)).unwrap();
+        }
+        a
+    });
+    for seq in 0..N {
+        assert_eq!(recv(&mut b.inbox).await, big(seq));
+    }
+    let a = sender.await.unwrap();
+    assert_eq!(Stats::get(&a.t.stats().send_failures), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +326,7 @@ async fn an_oversized_message_is_dropped_by_the_sender() {
     let (a, mut b) = pair().await;
     let mut big = heartbeat(1, 2, 1);
     big.context = Bytes::from(vec![0u8; config(1).max_frame_size + 1]);
-    a.t.send(big).unwrap();
+    assert!(matches!(a.t.send(big), Err(SendError::TooLarge(2))));
     a.t.send(heartbeat(1, 2, 2)).unwrap();
     assert_eq!(recv(&mut b.inbox).await.commit, 2);
     assert_eq!(Stats::get(&a.t.stats().dropped_too_large), 1);
