@@ -44,15 +44,13 @@ for ((rep = 1; rep <= REPS; rep++)); do
     [[ -x $KEEL ]] || die "$KEEL is not an executable"
     start_cluster
     leader=$(wait_for_leader 30 "${NODES[@]}")
-    before=0
-    for i in "${NODES[@]}"; do before=$((before + $(snapshots_of "$i"))); done
+    before=$(cluster_sum snapshots_of)
     out="$WORK/bench.json"
     sw0=$(cluster_sum switches_of) cpu0=$(cluster_sum ticks_of)
     "$KEELCTL" --endpoints "$(client_addr "$leader")" --json bench $OP --protocol grpc \
       --clients "$CLIENTS" --duration "$DURATION" >"$out"
     sw1=$(cluster_sum switches_of) cpu1=$(cluster_sum ticks_of)
-    after=0
-    for i in "${NODES[@]}"; do after=$((after + $(snapshots_of "$i"))); done
+    after=$(cluster_sum snapshots_of)
     rss=$(for i in "${NODES[@]}"; do rss_mib "$i"; done | paste -sd/)
     read -r ops p50 p99 max <<<"$(jq -r '[.throughput_ops_s, .latency_ms.p50, .latency_ms.p99,
       .latency_ms.max] | map(. * 10 | round / 10) | @tsv' "$out")"

@@ -1484,8 +1484,9 @@ impl Sources {
     /// An input if one is waiting, or `None`. A closed input channel also gives `None`; the
     /// next `wait` reports it.
     fn try_next(&mut self) -> Option<Input> {
-        let waker = self.waker.clone();
-        match self.poll(&mut Context::from_waker(&waker)) {
+        // No waker is needed: nothing waits on this poll, and `wait` registers the real one
+        // before it parks.
+        match self.poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(i) => i,
             Poll::Pending => None,
         }

@@ -27,10 +27,9 @@ pub struct Config {
     /// hundred messages per peer per tick; a peer that falls this far behind is slow or gone,
     /// and Raft retransmits what was dropped.
     pub peer_queue_capacity: usize,
-    /// Messages encoded into one write (512): large enough to amortise the syscall over a
-    /// burst, small enough to keep one write's latency low.
-    pub max_batch_messages: usize,
-    /// Bytes encoded into one write (1 MiB). One message always goes even if it is larger.
+    /// Bytes the peer's task writes under one `write_timeout` (1 MiB), when it writes what
+    /// the sender could not: a backlog of many MiB is given time by the MiB, so a peer that
+    /// reads slowly but steadily is not mistaken for one that stopped.
     pub max_batch_bytes: usize,
     /// Inbound messages waiting for the node (4096), over all peers.
     pub inbox_capacity: usize,
@@ -83,7 +82,6 @@ impl Config {
             cluster_id,
             max_frame_size: 16 * MIB,
             peer_queue_capacity: 4096,
-            max_batch_messages: 512,
             max_batch_bytes: MIB,
             inbox_capacity: 4096,
             inbox_max_bytes: 64 * MIB,
@@ -116,7 +114,6 @@ impl Config {
         }
         let zero_counts = [
             self.peer_queue_capacity,
-            self.max_batch_messages,
             self.max_batch_bytes,
             self.inbox_capacity,
             self.inbox_max_bytes,

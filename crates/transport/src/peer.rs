@@ -96,20 +96,19 @@ impl Outbox {
         cfg: &Config,
         stats: &Stats,
         msgs: impl IntoIterator<Item = Message>,
-        mut refused: impl FnMut(Message, SendError),
+        mut refused: impl FnMut(SendError),
     ) {
         let mut st = self.lock();
         let start = st.pending.len();
         let mut added = 0u64;
         for m in msgs {
             if st.closed {
-                refused(m, SendError::Closed);
+                refused(SendError::Closed);
                 continue;
             }
             if st.pending_msgs >= cfg.peer_queue_capacity as u64 {
                 Stats::inc(&stats.dropped_queue_full);
-                let to = m.to;
-                refused(m, SendError::QueueFull(to));
+                refused(SendError::QueueFull(m.to));
                 continue;
             }
             match wire::put_message(&mut st.pending, &m, cfg.max_frame_size) {
@@ -126,8 +125,7 @@ impl Outbox {
                         m.msg_type(),
                         m.to
                     );
-                    let to = m.to;
-                    refused(m, SendError::TooLarge(to));
+                    refused(SendError::TooLarge(m.to));
                 }
             }
         }
@@ -385,9 +383,7 @@ impl RaftStream {
             let written = tokio::select! {
                 biased;
                 _ = self.ctx.shutdown.changed() => return Err(Stop::End),
-                r = timeout(cfg.write_timeout, write_all(writer, &self.spare)) => {
-                    r.map_err(|_| Error::Timeout("write")).and_then(|r| r.map_err(Error::from))
-                }
+                r = write_timed(writer, &self.spare, &cfg) => r,
             };
             let stats = &self.ctx.stats;
             match written {
@@ -405,8 +401,17 @@ impl RaftStream {
     }
 }
 
-/// `write_all` on a shared write half (the sender holds it too, and writes only while this
-/// is not running).
+/// Writes `buf` to a shared write half (the sender holds it too, and writes only while this
+/// is not running), giving each `max_batch_bytes` of it `write_timeout`.
+async fn write_timed(w: &OwnedWriteHalf, buf: &[u8], cfg: &Config) -> Result<(), Error> {
+    for chunk in buf.chunks(cfg.max_batch_bytes) {
+        timeout(cfg.write_timeout, write_all(w, chunk))
+            .await
+            .map_err(|_| Error::Timeout("write"))??;
+    }
+    Ok(())
+}
+
 async fn write_all(w: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
         w.writable().await?;

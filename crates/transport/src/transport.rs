@@ -190,25 +190,9 @@ impl Transport {
         mut refused: impl FnMut(SendError),
     ) {
         let peers = self.peers.read().expect("peers lock");
-        // Messages to one peer are gathered into one write; a Ready holds a few per peer.
-        let mut batch: Vec<Message> = Vec::new();
-        let mut to = 0;
-        let flush = |to: u64, batch: &mut Vec<Message>, refused: &mut dyn FnMut(SendError)| {
-            if batch.is_empty() {
-                return;
-            }
-            match peers.get(&to) {
-                Some(p) => p
-                    .outbox
-                    .send(&self.cfg, &self.stats, batch.drain(..), |_, e| refused(e)),
-                None => {
-                    Stats::add(&self.stats.dropped_unknown_peer, batch.len() as u64);
-                    for _ in batch.drain(..) {
-                        refused(SendError::UnknownPeer(to));
-                    }
-                }
-            }
-        };
+        // Each peer's messages, in their order, go out in one write. A Ready addresses a few
+        // peers, so a linear search beats a map here.
+        let mut by_peer: Vec<(u64, Vec<Message>)> = Vec::new();
         for mut msg in msgs {
             if peer::is_snapshot(&msg) {
                 let data = msg
@@ -221,13 +205,22 @@ impl Transport {
                 }
                 continue;
             }
-            if msg.to != to {
-                flush(to, &mut batch, &mut refused);
-                to = msg.to;
+            match by_peer.iter_mut().find(|(to, _)| *to == msg.to) {
+                Some((_, batch)) => batch.push(msg),
+                None => by_peer.push((msg.to, vec![msg])),
             }
-            batch.push(msg);
         }
-        flush(to, &mut batch, &mut refused);
+        for (to, batch) in by_peer {
+            match peers.get(&to) {
+                Some(p) => p.outbox.send(&self.cfg, &self.stats, batch, &mut refused),
+                None => {
+                    Stats::add(&self.stats.dropped_unknown_peer, batch.len() as u64);
+                    for _ in batch {
+                        refused(SendError::UnknownPeer(to));
+                    }
+                }
+            }
+        }
     }
 
     /// Queues a `MsgSnapshot` whose data comes from `source` (its own `snapshot.data` is

@@ -112,6 +112,28 @@ async fn a_burst_goes_out_in_few_writes() {
 }
 
 #[tokio::test]
+async fn interleaved_messages_go_out_in_one_write_per_peer() {
+    const N: u64 = 500;
+    let mut nodes = mesh(&[1, 2, 3]).await;
+    let (a, rest) = nodes.split_first_mut().unwrap();
+    for b in rest.iter_mut() {
+        send_until_received(&a.t, b.t.id(), &mut b.inbox).await;
+        while b.inbox.try_recv().is_some() {}
+    }
+    let stats = a.t.stats().clone();
+    let batches0 = Stats::get(&stats.write_batches);
+    // As a Ready lists them: appends and heartbeats to both peers, alternating.
+    let msgs = (0..N).flat_map(|seq| [heartbeat(1, 2, seq), heartbeat(1, 3, seq)]);
+    a.t.send_all(msgs, |e| panic!("refused: {e}"));
+    assert_eq!(Stats::get(&stats.write_batches) - batches0, 2);
+    for b in rest.iter_mut() {
+        for seq in 0..N {
+            assert_eq!(recv(&mut b.inbox).await.commit, seq);
+        }
+    }
+}
+
+#[tokio::test]
 async fn the_sending_thread_writes_to_an_idle_connection_itself() {
     let (a, mut b) = pair().await;
     send_until_received(&a.t, 2, &mut b.inbox).await;
