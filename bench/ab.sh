@@ -53,7 +53,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
     after=$(cluster_sum snapshots_of)
     rss=$(for i in "${NODES[@]}"; do rss_mib "$i"; done | paste -sd/)
     read -r ops p50 p99 max <<<"$(jq -r '[.throughput_ops_s, .latency_ms.p50, .latency_ms.p99,
-      .latency_ms.max] | map(. * 10 | round / 10) | @tsv' "$out")"
+      .latency_ms.max] | map(. * 100 | round / 100) | @tsv' "$out")"
     log "rep $rep $which: $ops ops/s, p99 $p99 ms"
     done_ops=$(jq -r '.ok + .errors' "$out")
     per_op=$(awk -v c=$((cpu1 - cpu0)) -v s=$((sw1 - sw0)) -v n="$done_ops" -v hz="$(getconf CLK_TCK)" \
