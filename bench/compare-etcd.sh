@@ -33,6 +33,7 @@
 #   ONLY=REGEX  runs only the workloads whose name matches (ONLY=none: none of them)
 #   WATCHERS=1000  watchers of the watch fan-out workload
 #   LARGE_KEYS=1000000  keys of the large phase; LARGE=0 skips it
+#   RSS_SETTLE_S=10     idle seconds before the large phase's second RSS reading
 #   KILLS=10    failover rounds per system (0: none); Keel gets them twice, at etcd's timing
 #               and at its own defaults
 #   SNAPSHOT_COUNT=N  gives both systems --snapshot-count N (default: each its own default,
@@ -49,6 +50,7 @@ VALUE_SIZE=256
 WATCHERS=${WATCHERS:-1000}
 LARGE=${LARGE:-1}
 LARGE_KEYS=${LARGE_KEYS:-1000000}
+RSS_SETTLE_S=${RSS_SETTLE_S:-10}
 HZ=$(getconf CLK_TCK)
 
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
@@ -292,6 +294,13 @@ large_keys() {
     wait_serves "$i" large-marker "$marker" 60
     echo "$system|rss_kb|$(awk '/^VmRSS/ { print $2 }' "/proc/${NODE_PIDS[i]}/status")"
   done
+  # Both systems snapshot every 100,000 entries, so a member may be writing one of the whole
+  # 1M keys when the fill ends, and its RSS then holds the snapshot's working memory too. A
+  # second reading after RSS_SETTLE_S idle seconds is the steady state.
+  sleep "$RSS_SETTLE_S"
+  for i in "${NODES[@]}"; do
+    echo "$system|settled_rss_kb|$(awk '/^VmRSS/ { print $2 }' "/proc/${NODE_PIDS[i]}/status")"
+  done
   lead=$(leader_endpoint)
   for i in "${NODES[@]}"; do
     if [[ $(client_addr "$i") != "$lead" ]]; then idx=$i; break; fi
@@ -494,6 +503,7 @@ if [[ -s $LARGES ]]; then
   }
   large_row "fill, keys/s" fill_keys_per_s 1
   large_row "RSS after the fill, MiB per member (median (min-max) of 3)" rss_kb 1024
+  large_row "RSS ${RSS_SETTLE_S} s later, nothing written, MiB per member" settled_rss_kb 1024
   large_row "follower stop, SIGTERM to exit, ms" stop_ms 1
   large_row "follower restart to a serializable get, ms" restart_ms 1
   large_row "RSS of the restarted follower, MiB" restart_rss_kb 1024
