@@ -23,6 +23,7 @@ TOP=${TOP:-40}
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/keel-profile.XXXXXX")}
 mkdir -p "$OUT"
 secs=${DURATION%s}
+[[ $secs =~ ^[0-9]+$ ]] && ((secs >= 4)) || die "DURATION must be whole seconds, at least 4s: $DURATION"
 # Sample the middle half of the run: the first seconds fill the log and open connections.
 record_for=$((secs / 2))
 
