@@ -122,7 +122,7 @@ async fn interleaved_messages_go_out_in_one_write_per_peer() {
     }
     let stats = a.t.stats().clone();
     let batches0 = Stats::get(&stats.write_batches);
-    // As a Ready lists them: appends and heartbeats to both peers, alternating.
+    // As a Ready may list them: messages to the two peers, alternating.
     let msgs = (0..N).flat_map(|seq| [heartbeat(1, 2, seq), heartbeat(1, 3, seq)]);
     a.t.send_all(msgs, |e| panic!("refused: {e}"));
     assert_eq!(Stats::get(&stats.write_batches) - batches0, 2);
