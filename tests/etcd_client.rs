@@ -1174,7 +1174,7 @@ fn cluster_membership_add_promote_remove() {
 fn an_unstarted_learner_is_not_promoted_through_any_member() {
     let (c, leader) = three_nodes();
     let url = format!("http://127.0.0.1:{}", free_ports(1)[0]);
-    rt().block_on(async {
+    let id = rt().block_on(async {
         let mut on_leader = connect(&c, leader).await;
         let add = on_leader
             .member_add(
@@ -1183,7 +1183,24 @@ fn an_unstarted_learner_is_not_promoted_through_any_member() {
             )
             .await
             .unwrap();
-        let id = add.member().unwrap().id();
+        add.member().unwrap().id()
+    });
+    // The add answers once the leader applied it; a follower may apply it later, and should
+    // leadership move meanwhile, a new leader that has not would not know the learner. The
+    // claim is about a learner every member knows.
+    for n in [1, 2, 3] {
+        harness::wait_until(&format!("node {n} to apply the learner's addition"), || {
+            let st = c.status(n)?;
+            st["members"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"].as_u64() == Some(id) && m["learner"] == true)
+                .then_some(())
+        });
+    }
+    let leader = c.leader_of(&[1, 2, 3]);
+    rt().block_on(async {
+        let mut on_leader = connect(&c, leader).await;
         for via in [leader, followers(leader)[0], followers(leader)[1]] {
             let mut cl = connect(&c, via).await;
             assert_eq!(
