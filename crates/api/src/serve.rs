@@ -107,7 +107,7 @@ impl Listener for LimitedListener {
 /// Writes are coalesced: the HTTP/2 connection task writes whatever responses its streams have
 /// finished each time it runs, and it runs right after each stream task that wakes it (tokio
 /// polls a task woken by the running one next), so under load every small answer cost a
-/// syscall of its own (1.5 writes per get at 256 clients). Each write first yields once, which
+/// syscall of its own (1.8 writes per get at 256 clients). Each write first yields once, which
 /// lets the other streams whose answers came in the same batch from the Raft thread queue their
 /// frames; the next poll writes them all at once (0.17 writes per get).
 pub struct LimitedStream {
