@@ -34,7 +34,7 @@ use tokio::sync::Semaphore;
 
 pub use error::{code, ApiError};
 pub use input::{id_from_name, peer_addr, query_pairs, MAX_NODE_ID};
-pub use serve::{serve, LimitedListener};
+pub use serve::{serve, CoalescedWrites, LimitedListener};
 
 /// The header naming the leader (its node id, 0 when none is known) on every answer.
 pub const LEADER_HEADER: &str = "x-keel-leader";

@@ -80,9 +80,8 @@ impl Listener for LimitedListener {
                     let _ = io.set_nodelay(true);
                     return (
                         LimitedStream {
-                            io,
+                            io: CoalescedWrites::new(io),
                             _permit: permit,
-                            yielded: false,
                         },
                         addr,
                     );
@@ -103,30 +102,9 @@ impl Listener for LimitedListener {
 }
 
 /// An accepted connection; its slot is released when the connection is dropped.
-///
-/// Writes are coalesced: the HTTP/2 connection task writes whatever responses its streams have
-/// finished each time it runs, and it runs right after each stream task that wakes it (tokio
-/// polls a task woken by the running one next), so under load every small answer cost a
-/// syscall of its own (1.8 writes per get at 256 clients). Each write first yields once, which
-/// lets the other streams whose answers came in the same batch from the Raft thread queue their
-/// frames; the next poll writes them all at once (0.17 writes per get).
 pub struct LimitedStream {
-    io: TcpStream,
+    io: CoalescedWrites<TcpStream>,
     _permit: OwnedSemaphorePermit,
-    /// True after a write yielded and woke its task; the next write goes to the socket and
-    /// clears it. So a write is put off by at most one turn of the scheduler, never more.
-    yielded: bool,
-}
-
-impl LimitedStream {
-    /// True when this write should yield first (and the task has been woken to retry it).
-    fn yield_first(&mut self, cx: &mut Context<'_>) -> bool {
-        self.yielded = !self.yielded;
-        if self.yielded {
-            cx.waker().wake_by_ref();
-        }
-        self.yielded
-    }
 }
 
 impl AsyncRead for LimitedStream {
@@ -140,6 +118,78 @@ impl AsyncRead for LimitedStream {
 }
 
 impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// A connection whose writes are coalesced, for HTTP/2 (the server's client connections, and
+/// `keelctl`'s gRPC channels, which have the same problem from the other side).
+///
+/// h2 writes whatever frames its streams have queued each time the connection task runs, and
+/// that task runs right after each stream task that wakes it (tokio polls a task woken by the
+/// running one next), so under load every small message cost a syscall of its own (1.8 writes
+/// per get on the leader at 256 clients). Each write first yields once, which lets the other
+/// streams whose messages are ready (a batch of answers from the Raft thread, a batch of
+/// requests from the clients) queue their frames; the next poll writes them all at once (0.17
+/// writes per get).
+pub struct CoalescedWrites<T> {
+    io: T,
+    /// True after a write yielded and woke its task; the next write goes to the socket and
+    /// clears it. So a write is put off by at most one turn of the scheduler, never more.
+    yielded: bool,
+}
+
+impl<T> CoalescedWrites<T> {
+    pub fn new(io: T) -> CoalescedWrites<T> {
+        CoalescedWrites { io, yielded: false }
+    }
+
+    /// True when this write should yield first (and the task has been woken to retry it).
+    fn yield_first(&mut self, cx: &mut Context<'_>) -> bool {
+        self.yielded = !self.yielded;
+        if self.yielded {
+            cx.waker().wake_by_ref();
+        }
+        self.yielded
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CoalescedWrites<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -174,7 +224,7 @@ impl AsyncWrite for LimitedStream {
 
     /// Not vectored, on purpose: h2 then copies data frames of up to 1 KiB into its write
     /// buffer instead of chaining each one as an I/O slice of its own, and a chained frame
-    /// fills the buffer, so every answer of a few hundred bytes forced a write by itself.
+    /// fills the buffer, so every message of a few hundred bytes forced a write by itself.
     /// Larger frames (snapshot chunks, big ranges) are still written from their own buffer.
     fn is_write_vectored(&self) -> bool {
         false
