@@ -64,7 +64,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 }
 
 impl Listener for LimitedListener {
-    type Io = LimitedStream;
+    type Io = CoalescedWrites<LimitedStream>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -79,10 +79,10 @@ impl Listener for LimitedListener {
                     // Answers are small and latency-bound; Nagle would hold them back.
                     let _ = io.set_nodelay(true);
                     return (
-                        LimitedStream {
-                            io: CoalescedWrites::new(io),
+                        CoalescedWrites::new(LimitedStream {
+                            io,
                             _permit: permit,
-                        },
+                        }),
                         addr,
                     );
                 }
@@ -103,7 +103,7 @@ impl Listener for LimitedListener {
 
 /// An accepted connection; its slot is released when the connection is dropped.
 pub struct LimitedStream {
-    io: CoalescedWrites<TcpStream>,
+    io: TcpStream,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -248,7 +248,7 @@ mod tests {
         }
     }
 
-    async fn pair() -> (LimitedStream, TcpStream) {
+    async fn pair() -> (CoalescedWrites<LimitedStream>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
